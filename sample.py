@@ -1,0 +1,117 @@
+"""
+sample.py: generate text from any checkpoint (diffusion or GPT, told apart by the checkpoint).
+
+    python sample.py --out_dir=out/diffusion-shakespeare_char-linear-uniform
+    python sample.py --out_dir=out/gpt-shakespeare_char --start="ROMEO:"
+
+The sampling code lives here and is shared by diffusion.py (its end-of-training sample),
+evaluate.py and visualize.py. Every sampler is a generator of (step, tokens, changed).
+"""
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from diffusion import configure, filter_logits, load_checkpoint, resolve_device, run_cli, Tokenizer, UserError
+
+# -----------------------------------------------------------------------------
+out_dir = ''                    # run folder holding ckpt.pt
+sampler = 'confidence'          # diffusion sampler (GPT checkpoints always sample left to right)
+steps = 64                      # diffusion denoising steps per block
+num_samples = 1                 # samples, generated as one batch
+max_new_tokens = 0              # tokens to generate; 0 = the model's block_size
+start = ''                      # prompt text, or FILE:path
+temperature = 1.0               # 0 = greedy
+top_k = 0                       # keep the k most likely tokens; 0 = all
+top_p = 1.0                     # nucleus sampling mass; 1.0 = all
+seed = 1337                     # sampling seed
+device = 'auto'                 # 'auto' | 'cpu' | 'cuda' | 'mps'
+# -----------------------------------------------------------------------------
+
+SAMPLERS = ('confidence',)
+
+
+@torch.no_grad()
+def confidence_sampler(model, x, steps, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """The reference implementation's sampler. x: (B, L) with MASK where tokens are wanted.
+    A cosine count schedule decides how many masked positions stay masked after each step;
+    the most confident of the sampled tokens are revealed. Yields (step, x, changed)."""
+    mask_id = model.cfg.mask_id
+    x = x.clone()
+    n0 = (x == mask_id).sum(1)                                     # (B,) masked at the start
+    for step in range(1, steps + 1):
+        masked = x == mask_id
+        if not masked.any():
+            break
+        keep = torch.ceil(n0 * math.cos(math.pi / 2 * step / steps)).long()  # (B,) still masked after
+        if step == steps:
+            keep = torch.zeros_like(keep)  # cos(pi/2) is 6e-17, not 0: reveal everything at the end
+        n_reveal = masked.sum(1) - keep
+        logits = model(x, mask_rate=masked.float().mean(1)).float()  # (B, L, V)
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), -1)
+            tok = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(x.shape)
+        conf = F.softmax(logits, -1).gather(-1, tok[..., None]).squeeze(-1)  # (B, L)
+        conf = conf.masked_fill(~masked, -1.0)
+        order = conf.argsort(dim=1, descending=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(x.size(1), device=x.device).expand_as(order))
+        changed = masked & (rank < n_reveal[:, None])
+        x = torch.where(changed, tok, x)
+        yield step, x, changed
+
+
+def sample_text(model, tokenizer, objective, device='cpu', n=None, seed=1337, schedule=None):
+    """One sample of n tokens (default block_size) as text: used at the end of training."""
+    n = n or model.cfg.block_size
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if objective == 'gpt':
+        from gpt import generate
+        prompt = torch.tensor([[tokenizer.eot_id if tokenizer.eot_id is not None else 0]], device=device)
+        for _, x, _ in generate(model, prompt, n - 1, generator=gen):
+            pass
+        return tokenizer.decode(x[0].tolist())
+    x = torch.full((1, n), model.cfg.mask_id, device=device)
+    for _, x, _ in confidence_sampler(model, x, steps=min(64, n), generator=gen):
+        pass
+    return tokenizer.decode(x[0].tolist())
+
+
+def main():
+    configure(globals(), choices={'sampler': SAMPLERS}, verbose=False)
+    if not out_dir:
+        raise UserError("pass --out_dir=DIR, a run folder made by diffusion.py or gpt.py")
+    dev = resolve_device(device)
+    model, ckpt = load_checkpoint(out_dir, dev)
+    tok = Tokenizer(ckpt['meta'])
+    text = start
+    if text.startswith('FILE:'):
+        with open(text[5:], encoding='utf-8') as f:
+            text = f.read()
+    prompt = tok.encode(text) if text else []
+    n = max_new_tokens or model.cfg.block_size - len(prompt)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    t0 = time.time()
+    nfe = 0
+    if ckpt['objective'] == 'gpt':
+        from gpt import generate
+        first = prompt or [tok.eot_id if tok.eot_id is not None else 0]
+        x = torch.tensor([first] * num_samples, device=dev)
+        for step, x, _ in generate(model, x, n, temperature, top_k, top_p, gen):
+            nfe = step
+    else:
+        x = torch.tensor([prompt + [model.cfg.mask_id] * n] * num_samples, device=dev)
+        for step, x, _ in confidence_sampler(model, x, steps, temperature, top_k, top_p, gen):
+            nfe = step
+    dt = time.time() - t0
+    for i in range(num_samples):
+        print(tok.decode(x[i].tolist()))
+        print('-' * 60)
+    print(f"{ckpt['objective']}: {num_samples} x {n} tokens, {nfe} forward passes, {dt:.2f} s, "
+          f"{num_samples * n / dt:,.0f} tokens/s")
+
+
+if __name__ == '__main__':
+    run_cli(main)
