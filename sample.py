@@ -63,19 +63,37 @@ def confidence_sampler(model, x, steps, temperature=1.0, top_k=0, top_p=1.0, gen
         yield step, x, changed
 
 
+def frames(model, objective, prompt, max_new_tokens, *, num_samples=1, sampler='confidence', steps=64,
+           temperature=1.0, top_k=0, top_p=1.0, seed=1337, **opts):
+    """The one entry point every consumer uses (diffusion.py, evaluate.py, visualize.py).
+    prompt: list of token ids. Yields (step, tokens, changed): tokens (num_samples, P + n) with
+    MASK where not yet revealed (GPT: the tokens so far), changed a bool mask of the same shape."""
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    if objective == 'gpt':
+        from gpt import generate
+        first = list(prompt) or [0]
+        x = torch.tensor([first] * num_samples, device=dev)
+        yield from generate(model, x, max_new_tokens, temperature, top_k, top_p, gen)
+        return
+    x = torch.tensor([list(prompt) + [model.cfg.mask_id] * max_new_tokens] * num_samples, device=dev)
+    yield from confidence_sampler(model, x, steps, temperature, top_k, top_p, gen)
+
+
+def generate_tokens(model, objective, prompt, max_new_tokens, **kw):
+    """Run frames() to the end: (tokens (B, L), {'nfe', 'seconds', 'tokens_per_s'})."""
+    t0, nfe, x = time.time(), 0, None
+    for nfe, x, _ in frames(model, objective, prompt, max_new_tokens, **kw):
+        pass
+    dt = time.time() - t0
+    return x, {'nfe': nfe, 'seconds': dt, 'tokens_per_s': x.size(0) * max_new_tokens / max(dt, 1e-9)}
+
+
 def sample_text(model, tokenizer, objective, device='cpu', n=None, seed=1337, schedule=None):
     """One sample of n tokens (default block_size) as text: used at the end of training."""
     n = n or model.cfg.block_size
-    gen = torch.Generator(device=device).manual_seed(seed)
-    if objective == 'gpt':
-        from gpt import generate
-        prompt = torch.tensor([[tokenizer.eot_id if tokenizer.eot_id is not None else 0]], device=device)
-        for _, x, _ in generate(model, prompt, n - 1, generator=gen):
-            pass
-        return tokenizer.decode(x[0].tolist())
-    x = torch.full((1, n), model.cfg.mask_id, device=device)
-    for _, x, _ in confidence_sampler(model, x, steps=min(64, n), generator=gen):
-        pass
+    prompt = [] if objective == 'diffusion' else [tokenizer.eot_id or 0]
+    x, _ = generate_tokens(model, objective, prompt, n - len(prompt), seed=seed, steps=min(64, n))
     return tokenizer.decode(x[0].tolist())
 
 
@@ -92,20 +110,11 @@ def main():
             text = f.read()
     prompt = tok.encode(text) if text else []
     n = max_new_tokens or model.cfg.block_size - len(prompt)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    t0 = time.time()
-    nfe = 0
-    if ckpt['objective'] == 'gpt':
-        from gpt import generate
-        first = prompt or [tok.eot_id if tok.eot_id is not None else 0]
-        x = torch.tensor([first] * num_samples, device=dev)
-        for step, x, _ in generate(model, x, n, temperature, top_k, top_p, gen):
-            nfe = step
-    else:
-        x = torch.tensor([prompt + [model.cfg.mask_id] * n] * num_samples, device=dev)
-        for step, x, _ in confidence_sampler(model, x, steps, temperature, top_k, top_p, gen):
-            nfe = step
-    dt = time.time() - t0
+    if ckpt['objective'] == 'gpt' and not prompt:
+        prompt = [tok.eot_id if tok.eot_id is not None else 0]
+    x, info = generate_tokens(model, ckpt['objective'], prompt, n, num_samples=num_samples, steps=steps,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    dt, nfe = info['seconds'], info['nfe']
     for i in range(num_samples):
         print(tok.decode(x[i].tolist()))
         print('-' * 60)
