@@ -596,6 +596,12 @@ def mask_probs(x, alpha, ent_weight=None):
     return p
 
 
+def draw_mask(x, alpha, gen, ent_weight=None):
+    """q(z_t | x): which positions of x (B, T) are MASK at survival probability alpha (B,)."""
+    p = mask_probs(x, alpha, ent_weight)
+    return (torch.rand(x.shape, generator=gen, dtype=torch.float64) < p).to(x.device)
+
+
 def masked_ce(model, x, mask, mask_id, mask_rate=None):
     """Replace x at mask with MASK, run the model, and return each sequence's summed
     cross-entropy over its masked positions: (B,) float32. Unmasked positions never count."""
@@ -612,8 +618,7 @@ def diffusion_loss(model, x, t, schedule, mask_id, gen, ent_weight=None, weighti
     estimate of the NELBO in nats per token over t in [t_min, 1]. Returns (loss, per_seq).
     weighting='masked_mean': the plain mean CE over masked tokens (the reference code's)."""
     alpha = schedule.alpha(t)
-    p = mask_probs(x, alpha, ent_weight)
-    mask = (torch.rand(x.shape, generator=gen, dtype=torch.float64) < p).to(x.device)
+    mask = draw_mask(x, alpha, gen, ent_weight)
     ce_sum = masked_ce(model, x, mask, mask_id, (1 - alpha).float().to(x.device))
     if weighting == 'masked_mean':
         loss = ce_sum.sum() / mask.sum().clamp(min=1)
