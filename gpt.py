@@ -55,35 +55,47 @@ class GPTObjective:
 def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None,
              use_cache=True):
     """difference 5: left-to-right sampling. prompt: (B, P) token ids, P >= 1.
-    Yields (step, tokens (B, P + step), changed (B, P + step) bool) after each new token.
-    With use_cache the prompt is run once and each new token costs one position's forward
-    pass; past block_size the window slides and the cache is rebuilt from the last
-    block_size - 1 tokens. temperature=0 is greedy."""
+    generator: one torch.Generator for the batch, or a list of B (row i samples with generator[i],
+    so a batch draws what B single-row calls would). temperature=0 is greedy.
+    Yields (step, tokens (B, P + step), changed (B, P + step) bool, only the new column) per token.
+
+    With use_cache the prompt is run once and each new token costs one position's forward pass
+    while the sequence fits in block_size. Past block_size the window of the last block_size
+    tokens slides, and every position's hidden state depends on where the window starts, so
+    nothing cached can be reused exactly: each token then re-runs the whole window, as without
+    the cache. The cache therefore never changes the result, only the cost."""
+    if prompt.size(1) < 1:
+        raise ValueError("generate needs a prompt of at least one token (e.g. the EOT or newline id)")
     cfg = model.cfg
-    idx = prompt
-    B = idx.size(0)
-    cache, logits = None, None
     dtype = next(model.parameters()).dtype
+    if torch.is_autocast_enabled(prompt.device.type):  # keys/values come out in the autocast dtype
+        dtype = torch.get_autocast_dtype(prompt.device.type)
+    idx, cache = prompt, None
     for step in range(1, max_new_tokens + 1):
-        if not use_cache:
-            logits = model(idx[:, -cfg.block_size:])[:, -1]
-        elif cache is None or cache.pos >= cfg.block_size:
-            cache = KVCache(cfg, B, cfg.block_size, idx.device, dtype)
-            logits = model(idx[:, -(cfg.block_size - 1):], cache=cache)[:, -1]
+        if not use_cache or idx.size(1) > cfg.block_size:
+            logits = model(idx[:, -cfg.block_size:])[:, -1]              # (B, V), the whole window
+        elif cache is None:
+            cache = KVCache(cfg, idx.size(0), cfg.block_size, idx.device, dtype)
+            logits = model(idx, cache=cache)[:, -1]                      # prefill the prompt
+        else:
+            logits = model(idx[:, -1:], cache=cache)[:, -1]              # only the newest token
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         idx = torch.cat([idx, nxt[:, None]], dim=1)
         changed = torch.zeros_like(idx, dtype=torch.bool)
         changed[:, -1] = True
         yield step, idx, changed
-        if use_cache and step < max_new_tokens and cache.pos < cfg.block_size:
-            logits = model(nxt[:, None], cache=cache)[:, -1]
 
 
 def sample_next(logits, temperature, top_k, top_p, generator):
-    """(B, V) logits -> (B,) ids: greedy at temperature 0, else from the filtered softmax."""
+    """(B, V) logits -> (B,) ids: greedy at temperature 0, else from the filtered softmax.
+    generator: a torch.Generator (or None) for all rows, or a list with one per row."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)  # (B, V)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.size(0):
+            raise ValueError(f"{len(generator)} generators for a batch of {probs.size(0)}")
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)]).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

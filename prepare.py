@@ -2,34 +2,75 @@
 prepare.py: turn text into the token files diffusion.py and gpt.py train on.
 
     python prepare.py                                  # Tiny Shakespeare, characters (~2 s)
-    python prepare.py --dataset=shakespeare_char --input=path/to/input.txt
+    python prepare.py --dataset=shakespeare            # Tiny Shakespeare, GPT-2 BPE (~5 s)
+    python prepare.py --dataset=fineweb_edu            # first 1e9 GPT-2 tokens of FineWeb-Edu sample-10BT (network)
+    python prepare.py --dataset=fineweb_edu --input=docs.parquet --max_tokens=1e6 --shard_size=1e5
+    python prepare.py --dataset=wikitext2 --input=../shared/data/wikitext-2   # test + val splits, for evaluation
+    python prepare.py --dataset=tinystories
+    python prepare.py --entropy --ref=out/gpt-shakespeare_char                  # per-token-id entropy array
 
 Every dataset is written in one format: data/<dataset>/meta.json plus uint16 token files
 listed in it per split ("splits": {"train": {"shards": [...], "tokens": [...]}, "val": ...}).
-meta.json also says how to decode: "tokenizer" ('char' with "chars", or 'gpt2'),
+meta.json also says how to decode: "tokenizer" ('char' with "chars", or 'gpt2' with "eot_id"),
 "vocab_size" (real tokens; MASK is id vocab_size and is added by the model).
+
+The GPT-2 datasets all go through one path, local files included: the `datasets` library
+streams rows (from the HF hub, or with its local 'json' / 'parquet' / 'text' loaders for
+--input), worker processes tokenise them (GPT-2 BPE, the end-of-text token before every
+document), and the token stream is cut into fixed-size shards. Each shard is written to a
+temporary name and renamed when complete, and progress.json records where the stream stands
+after it, so a rerun continues after the last complete shard; meta.json, the only thing a
+loader reads, is written last.
 """
+import contextlib
+import itertools
 import json
+import math
+import multiprocessing
 import os
+import re
+import signal
+import socket
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
-from diffusion import UserError, atomic_write_text, configure, run_cli
+from diffusion import EXIT_RESUMABLE, UserError, atomic_write_text, configure, run_cli
 
 # -----------------------------------------------------------------------------
-dataset = 'shakespeare_char'    # which dataset to prepare (see DATASETS)
-input = ''                      # local text file to use instead of downloading
+dataset = 'shakespeare_char'    # which dataset to prepare: shakespeare_char | shakespeare | fineweb_edu | tinystories | wikitext2
+input = ''                      # local source instead of the network: a .txt, .jsonl/.json or .parquet file, or a folder with files per split named train*, valid*/val*, test*
 data_dir = 'data'               # output root: data/<dataset>/
-val_fraction = 0.1              # last fraction of the text kept for validation
+val_fraction = 0.1              # shakespeare_char only: last fraction of the text kept for validation
+# GPT-2 BPE datasets
+max_tokens = 1_000_000_000      # tokens in the train split at most: the first ones of the source's stream
+val_tokens = -1                 # tokens in the val split at most, taken from the head of the train stream when the source has no validation split; -1 = the dataset's default (BPE_DATASETS)
+shard_size = 100_000_000        # tokens per .bin shard (a split's last shard may be shorter)
+num_proc = 0                    # tokeniser worker processes; 0 = one per CPU core, 1 = tokenise in this process
+text_field = 'text'             # column holding the text in .jsonl / .parquet rows
+resume = True                   # continue an interrupted run with the same settings after its last complete shard; false = start over
+# entropy array: python prepare.py --entropy --ref=OUT_DIR --dataset=NAME
+entropy = False                 # write data/<dataset>/entropy.npy instead of preparing data
+ref = ''                        # reference causal LM: a gpt.py out_dir (or its ckpt.pt), or hf:NAME_OR_DIR for GPT-2 through transformers (local weights only)
+entropy_tokens = 0              # target tokens scored, in evenly spaced windows over the train split; 0 = the whole split
+batch_size = 8                  # windows per forward pass for --entropy
+device = 'auto'                 # --entropy: 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 # -----------------------------------------------------------------------------
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, '..', 'shared')
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
-SHAKESPEARE_CHARS = 1115394
-SHARED_SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data',
-                                  'tinyshakespeare.txt')
+SHARED_SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare.txt')
+SHARED_TIKTOKEN = os.path.join(SHARED, 'tiktoken_cache')
+EOT_TEXT = '<|endoftext|>'      # documents separator in .txt releases (TinyStories)
+PROGRESS_EVERY = 10.0           # seconds between progress lines
 
 
 def download(url, path):
@@ -47,59 +88,626 @@ def download(url, path):
     os.replace(tmp, path)
 
 
-def write_split(out, name, ids, dtype=np.uint16):
-    """Write one split as a single token file; returns its meta entry."""
-    arr = np.asarray(ids, dtype=dtype)
-    path = os.path.join(out, f'{name}.bin')
+def write_tokens(path, arr):
+    """Write a uint16 token array to path: a temporary file, fsync, rename. A crash leaves
+    either no file or the complete one under the final name, never part of it."""
     tmp = path + '.tmp'
-    arr.tofile(tmp)
+    try:
+        with open(tmp, 'wb') as f:
+            arr.tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
-    return {'shards': [f'{name}.bin'], 'tokens': [int(len(arr))]}
 
 
 def write_meta(out, meta):
     atomic_write_text(json.dumps(meta, indent=1) + '\n', os.path.join(out, 'meta.json'))
 
 
-def shakespeare_text(path):
+def shakespeare_path(path, root):
+    """--input, else ../shared's copy, else a download into root."""
     if path:
         if not os.path.exists(path):
             raise UserError(f"--input={path}: no such file")
-    elif os.path.exists(SHARED_SHAKESPEARE):
-        path = SHARED_SHAKESPEARE
-    else:
-        path = os.path.join(data_dir, 'tinyshakespeare.txt')
-        if not os.path.exists(path):
-            os.makedirs(data_dir, exist_ok=True)
-            download(SHAKESPEARE_URL, path)
-    with open(path, encoding='utf-8') as f:
-        return f.read(), path
+        return path
+    if os.path.exists(SHARED_SHAKESPEARE):
+        return SHARED_SHAKESPEARE
+    path = os.path.join(root, 'tinyshakespeare.txt')
+    if not os.path.exists(path):
+        os.makedirs(root, exist_ok=True)
+        download(SHAKESPEARE_URL, path)
+    return path
 
 
-def prepare_shakespeare_char():
+def prepare_shakespeare_char(c):
     """Character-level Tiny Shakespeare: 65 characters, 90/10 train/val split (as nanoGPT)."""
-    text, source = shakespeare_text(input)
+    source = shakespeare_path(c.input, c.data_dir)
+    with open(source, encoding='utf-8') as f:
+        text = f.read()
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     ids = np.array([stoi[ch] for ch in text], dtype=np.uint16)
-    n_val = int(len(ids) * val_fraction)
-    out = os.path.join(data_dir, 'shakespeare_char')
+    n_val = int(len(ids) * c.val_fraction)
+    out = os.path.join(c.data_dir, 'shakespeare_char')
     os.makedirs(out, exist_ok=True)
-    splits = {'train': write_split(out, 'train', ids[:len(ids) - n_val]),
-              'val': write_split(out, 'val', ids[len(ids) - n_val:])}
+    splits = {}
+    for name, part in (('train', ids[:len(ids) - n_val]), ('val', ids[len(ids) - n_val:])):
+        write_tokens(os.path.join(out, f'{name}.bin'), part)
+        splits[name] = {'shards': [f'{name}.bin'], 'tokens': [int(len(part))]}
     write_meta(out, {'dataset': 'shakespeare_char', 'tokenizer': 'char', 'vocab_size': len(chars),
                      'chars': ''.join(chars), 'dtype': 'uint16', 'source': os.path.abspath(source),
                      'splits': splits})
     print(f"{source}: {len(text):,} characters, vocabulary {len(chars)} (+ MASK = id {len(chars)})")
     print(f"wrote {out}: train {splits['train']['tokens'][0]:,} tokens, val {splits['val']['tokens'][0]:,} tokens")
 
+# -----------------------------------------------------------------------------
+# GPT-2 BPE datasets: one streaming, sharding, resumable path for all of them
 
-DATASETS = {'shakespeare_char': prepare_shakespeare_char}
+
+@dataclass
+class Spec:
+    about: str                          # what the data is (meta.json "version")
+    hub: str = ''                       # HF hub dataset id; '' = a text file (downloaded or --input)
+    config: str = None                  # hub config name
+    splits: dict = field(default_factory=lambda: {'train': 'train'})  # our split -> hub split
+    whole: bool = False                 # a split is one document (its rows joined), not one per row
+    val_tokens: int = None              # default cap of the val split (None = all of it)
 
 
-def main():
-    configure(globals(), choices={'dataset': tuple(DATASETS)}, verbose=False)
-    DATASETS[dataset]()
+BPE_DATASETS = {
+    'shakespeare': Spec('Tiny Shakespeare (Karpathy char-rnn input.txt), one document', whole=True,
+                        val_tokens=33_000),  # about 10% of its 338,025 GPT-2 tokens
+    'fineweb_edu': Spec('FineWeb-Edu sample-10BT (Lozhkov et al. 2024), streamed in hub order',
+                        hub='HuggingFaceFW/fineweb-edu', config='sample-10BT', val_tokens=10_000_000),
+    'tinystories': Spec('TinyStories (Eldan & Li 2023)', hub='roneneldan/TinyStories',
+                        splits={'train': 'train', 'val': 'validation'}, val_tokens=10_000_000),
+    'wikitext2': Spec('WikiText-2 (Merity et al. 2016)', hub='Salesforce/wikitext', config='wikitext-2-raw-v1',
+                      splits={'val': 'validation', 'test': 'test'}, whole=True),
+}
+SPLIT_WORDS = {'train': {'train', 'training'}, 'val': {'val', 'valid', 'validation', 'dev'}, 'test': {'test'}}
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE; ../shared/tiktoken_cache is used when TIKTOKEN_CACHE_DIR is unset."""
+    if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(SHARED_TIKTOKEN):
+        os.environ['TIKTOKEN_CACHE_DIR'] = SHARED_TIKTOKEN
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except OSError as e:  # requests' ConnectionError: the BPE files are fetched on first use
+        raise UserError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); without network, set "
+                        "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files") from None
+
+
+_ENC = None  # set in the main process before the workers fork, so they inherit it
+
+
+def encode_docs(texts):
+    """Worker: a list of documents -> (tokens (N,) uint16, lengths (D,) int64). Each document
+    is preceded by the end-of-text token (as GPT-2's training data), so the token stream reads
+    EOT doc0 EOT doc1 ... and every window of it can tell where documents start. encode_ordinary
+    never turns '<|endoftext|>' written inside a document into the EOT id."""
+    enc = _ENC or gpt2_encoding()
+    encoded = [enc.encode_ordinary(t) for t in texts]
+    lengths = np.array([len(e) + 1 for e in encoded], dtype=np.int64)
+    out = np.empty(int(lengths.sum()), dtype=np.uint16)  # GPT-2 ids < 50257 fit in uint16
+    start = 0
+    for e, n in zip(encoded, lengths):
+        out[start] = enc.eot_token
+        out[start + 1:start + n] = e
+        start += n
+    return out, lengths
+
+
+def _worker_init():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+
+
+@contextlib.contextmanager
+def worker_pool(n):
+    """n tokeniser processes (None when n <= 1: tokenise in this process). Forked on Linux,
+    before the dataset reader starts any thread, so workers start at once and inherit _ENC."""
+    if n <= 1:
+        yield None
+        return
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context('fork' if 'fork' in methods and sys.platform != 'darwin' else 'spawn')
+    pool = ctx.Pool(n, initializer=_worker_init)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def doc_batches(docs, max_docs=256, max_chars=1 << 20):
+    """Group documents into worker tasks of at most max_docs documents or ~max_chars characters."""
+    batch, chars = [], 0
+    for d in docs:
+        batch.append(d)
+        chars += len(d)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize(batches, pool, depth=None):
+    """(tokens, lengths) per batch, in input order. At most `depth` batches are in flight, so
+    a stream of any length is read only as fast as the workers tokenise it (Pool.imap would
+    read the whole input ahead into memory)."""
+    if pool is None:
+        yield from map(encode_docs, batches)
+        return
+    depth = depth or 2 * pool._processes + 2
+    pending = deque()
+    for b in batches:
+        pending.append(pool.apply_async(encode_docs, (b,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def check_network(hub):
+    """Fail in one line, at once, when the HF hub cannot be reached (the datasets library would
+    retry for ~25 s and then raise a long traceback)."""
+    offline = [k for k in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE')
+               if os.environ.get(k, '').strip().lower() in ('1', 'true', 'yes', 'on')]
+    if offline:
+        raise UserError(f"{hub} streams from the Hugging Face hub but {offline[0]} is set; "
+                        "pass a local copy with --input=PATH (.parquet, .jsonl or .txt, or a folder of them)")
+    url = urllib.parse.urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co'))
+    host, port = url.hostname, url.port or (443 if url.scheme == 'https' else 80)
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        raise UserError(f"cannot reach {host} to stream {hub} ({e.strerror or e}); no network? pass a "
+                        "local copy with --input=PATH (.parquet, .jsonl or .txt, or a folder of them)") from None
+
+
+def loader_kind(files):
+    """The `datasets` packaged loader for these files: 'parquet', 'json' or 'text'."""
+    def kind(f):
+        f = f.lower().removesuffix('.gz').removesuffix('.zst')
+        return 'parquet' if f.endswith('.parquet') else 'json' if f.endswith(('.jsonl', '.json')) else 'text'
+    kinds = {kind(f) for f in files}
+    if len(kinds) > 1:
+        raise UserError(f"{', '.join(files)}: mixed file types ({', '.join(sorted(kinds))}); one kind per split")
+    return kinds.pop()
+
+
+def local_files(path, spec):
+    """{our split: [files]} for --input: a file is the dataset's first split (train, or test
+    for evaluation-only datasets); a folder gives each split the files whose name has the split's
+    word in it (TinyStoriesV2-GPT4-train.txt, valid.txt, validation-00000-of-00001.parquet)."""
+    if not os.path.exists(path):
+        raise UserError(f"--input={path}: no such file or folder")
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        return {'train' if 'train' in spec.splits else next(iter(spec.splits)): [path]}
+    found = {}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        for split in spec.splits:
+            if os.path.isfile(full) and SPLIT_WORDS[split] & set(re.split(r'[^a-z0-9]+', name.lower())):
+                found.setdefault(split, []).append(full)
+    if not found:
+        raise UserError(f"--input={path}: no file named after a split ({', '.join(spec.splits)}) in that folder")
+    return found
+
+
+def read_docs(spec, split, files, field_name):
+    """The documents (str) of one split, streamed through the `datasets` library: the hub
+    dataset, or its local json / parquet / text loaders for files. Text files are read whole
+    and cut at '<|endoftext|>' lines (TinyStories' .txt release) unless the dataset is one document."""
+    import datasets
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    if files:
+        kind = loader_kind(files)
+        extra = {'sample_by': 'document'} if kind == 'text' else {}
+        ds = datasets.load_dataset(kind, data_files=files, split='train', streaming=True, **extra)
+        field_name = 'text' if kind == 'text' else field_name
+        cut = kind == 'text' and not spec.whole
+        where = ', '.join(files)
+    else:
+        ds = datasets.load_dataset(spec.hub, spec.config, split=spec.splits[split], streaming=True)
+        cut, where = False, spec.hub
+
+    def rows():
+        for row in ds:
+            text = row.get(field_name)
+            if not isinstance(text, str):
+                raise UserError(f"{where}: rows have no text column {field_name!r} (columns: "
+                                f"{', '.join(row)}); set --text_field")
+            if cut:
+                yield from (part.strip() for part in text.split(EOT_TEXT) if part.strip())
+            else:
+                yield text
+    if spec.whole:
+        yield ''.join(rows())  # hub rows are lines that keep their '\n'; a text file is one row
+    else:
+        yield from rows()
+
+
+def fmt_rate(r):
+    return f"{r / 1e6:.2f}M" if r >= 1e6 else f"{r / 1e3:.1f}k" if r >= 1e3 else f"{r:.0f}"
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class ShardWriter:
+    """The shards of one dataset and progress.json, the record of every complete shard and of
+    where the source stream stands after it (document index, token offset in that document)."""
+    def __init__(self, out, build, shard_size, fresh):
+        self.out, self.shard_size = out, shard_size
+        self.path = os.path.join(out, 'progress.json')
+        state = None
+        if not fresh and os.path.exists(self.path):
+            with open(self.path) as f:
+                state = json.load(f)
+            if not state.get('shards'):
+                state = None  # nothing kept yet: nothing to protect
+            elif state.get('build') != build:
+                diff = [f"{k} {state.get('build', {}).get(k)!r} vs {v!r}" for k, v in build.items()
+                        if state.get('build', {}).get(k) != v]
+                raise UserError(f"{out} holds an unfinished run with other settings ({'; '.join(diff)}); "
+                                "rerun with those settings to finish it, or pass --resume=false to start over")
+        if state is None:  # start over: nothing a loader could read is left behind
+            for name in os.listdir(out):
+                if name == 'meta.json' or name.endswith(('.bin', '.bin.tmp')) or name == 'progress.json':
+                    os.remove(os.path.join(out, name))
+            state = {'build': build, 'streams_done': 0, 'shards': []}
+            self.save(state)
+        self.state = state
+
+    def save(self, state=None):
+        atomic_write_text(json.dumps(state or self.state) + '\n', self.path)
+
+    def tokens(self, split):
+        return sum(s['tokens'] for s in self.state['shards'] if s['split'] == split)
+
+    def flush(self, split, arr, stream, next_pos):
+        k = sum(s['split'] == split for s in self.state['shards'])
+        name = f'{split}_{k:06d}.bin'
+        write_tokens(os.path.join(self.out, name), arr)
+        self.state['shards'].append({'split': split, 'file': name, 'tokens': int(len(arr)), 'stream': stream,
+                                     'next': list(map(int, next_pos))})
+        self.save()
+
+    def resume_point(self, stream):
+        """(document index, token offset) where stream `stream` continues."""
+        mine = [s for s in self.state['shards'] if s['stream'] == stream]
+        return tuple(mine[-1]['next']) if mine else (0, 0)
+
+    def splits(self):
+        out = {}
+        for s in self.state['shards']:
+            e = out.setdefault(s['split'], {'shards': [], 'tokens': []})
+            e['shards'].append(s['file'])
+            e['tokens'].append(s['tokens'])
+        return out
+
+
+class Progress:
+    def __init__(self, total, done):
+        self.total, self.start_done, self.done = total, done, done
+        self.t0 = self.last = time.time()
+
+    def add(self, n, label, force=False):
+        self.done += n
+        now = time.time()
+        if not force and now - self.last < PROGRESS_EVERY:
+            return
+        self.last = now
+        rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
+        line = f"{label}: {self.done:,} tokens"
+        if self.total:
+            line += f" of {self.total:,} ({100 * self.done / self.total:.1f}%)"
+        line += f" | {fmt_rate(rate)} tokens/s"
+        if self.total:
+            eta = (self.total - self.done) / rate if rate > 0 else float('inf')
+            line += f" | ETA {fmt_time(eta) if math.isfinite(eta) else '?'}"
+        print(line, flush=True)
+
+
+def write_stream(writer, index, docs, targets, pool, progress):
+    """Tokenise one source stream and cut it into the splits of `targets` [(split, cap)...],
+    in order: e.g. [('val', 1e7), ('train', 1e9)] puts the stream's first 1e7 tokens in val
+    and the next 1e9 in train. Resumes after the last complete shard of this stream."""
+    shard_size = writer.shard_size
+    first_doc, skip = writer.resume_point(index)
+    count = {split: writer.tokens(split) for split, _ in targets}
+
+    def capped(t):
+        split, cap = targets[t]
+        return cap is not None and count[split] >= cap
+    t = 0
+    while t < len(targets) and capped(t):
+        t += 1
+    if t == len(targets):
+        return
+    buf, fill, doc_base = np.empty(shard_size, dtype=np.uint16), 0, first_doc
+    docs = itertools.islice(docs, first_doc, None)  # resume: documents before are skipped unread by the workers
+    for toks, lengths in tokenize(doc_batches(docs), pool):
+        ends = np.cumsum(lengths)                   # (D,) end of each document in toks
+        pos, skip = skip, 0
+        while pos < len(toks):
+            split, cap = targets[t]
+            left = shard_size - fill if cap is None else min(shard_size - fill, cap - count[split] - fill)
+            take = min(len(toks) - pos, left)
+            buf[fill:fill + take] = toks[pos:pos + take]
+            fill, pos = fill + take, pos + take
+            progress.add(take, split)
+            if fill == shard_size or (cap is not None and count[split] + fill == cap):
+                k = int(np.searchsorted(ends, pos, side='right'))  # the document holding token pos
+                writer.flush(split, buf[:fill], index, (doc_base + k, pos - (ends[k - 1] if k else 0)))
+                count[split] += fill
+                fill = 0
+                split_done = cap is not None and count[split] == cap
+                progress.add(0, split, force=split_done)  # a line at the end of each split
+                while t < len(targets) and capped(t):
+                    t += 1
+                if t == len(targets):
+                    return
+        doc_base += len(lengths)
+    split = targets[t][0]
+    if fill:  # the source ended: its last, shorter shard
+        writer.flush(split, buf[:fill], index, (doc_base, 0))
+        count[split] += fill
+    empty = [s for s, cap in targets[t + 1:] if cap != 0] + ([split] if count[split] == 0 else [])
+    if empty:
+        raise UserError(f"the source ended after {sum(count.values()):,} tokens, leaving the {empty[0]} split "
+                        f"empty (" + ', '.join(f"{s} {count[s]:,}" for s, _ in targets) + "); lower "
+                        "--val_tokens and pass --resume=false")
+
+
+def source_version(name, spec, files):
+    if files is None:
+        return f"{spec.about}; HF hub {spec.hub}" + (f" config {spec.config}" if spec.config else '')
+    if name == 'wikitext2':  # the two public releases differ: word-level tokenised (<unk>, @-@) or raw
+        with open(next(iter(files.values()))[0], encoding='utf-8', errors='replace') as f:
+            head = f.read(1 << 20)
+        kind = ('tokenised release (wikitext-2-v1: <unk> tokens, " @-@ " splits)' if '<unk>' in head
+                else 'raw release (wikitext-2-raw-v1)')
+        return f"{spec.about}, {kind}; local files"
+    return f"{spec.about}; local files"
+
+
+def prepare_bpe(name, c):
+    """Prepare one of BPE_DATASETS with GPT-2 BPE: shards + meta.json under data_dir/name."""
+    global _ENC
+    spec = BPE_DATASETS[name]
+    if name == 'shakespeare':
+        files = {'train': [os.path.abspath(shakespeare_path(c.input, c.data_dir))]}
+    else:
+        files = local_files(c.input, spec) if c.input else None
+    vt = spec.val_tokens if c.val_tokens < 0 else c.val_tokens
+    if c.shard_size < 1 or c.max_tokens < 1:
+        raise UserError("--shard_size and --max_tokens must be positive")
+    splits = list(files) if files else list(spec.splits)
+    streams = []  # (source split, [(our split, cap), ...]): val first, so it is the head when carved
+    if 'val' in splits:
+        streams.append(('val', [('val', vt)]))
+    if 'train' in splits:
+        streams.append(('train', ([] if 'val' in splits else [('val', vt)]) + [('train', c.max_tokens)]))
+    if 'test' in splits:
+        streams.append(('test', [('test', None)]))
+    source = ({s: f for s, f in files.items()} if files else
+              {s: f"{spec.hub}:{spec.config or ''}:{h}" for s, h in spec.splits.items()})
+    build = {'dataset': name, 'tokenizer': 'gpt2', 'source': source, 'streams': streams,
+             'shard_size': c.shard_size, 'text_field': c.text_field}
+    build = json.loads(json.dumps(build))  # tuples -> lists, as read back from progress.json
+    out = os.path.join(c.data_dir, name)
+    os.makedirs(out, exist_ok=True)
+    meta_path = os.path.join(out, 'meta.json')
+    if c.resume and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old.get('build') == build:
+            for split, info in old['splits'].items():
+                for shard, n in zip(info['shards'], info['tokens']):
+                    p = os.path.join(out, shard)
+                    if not os.path.exists(p) or os.path.getsize(p) != 2 * n:
+                        raise UserError(f"{p} holds {os.path.getsize(p) // 2 if os.path.exists(p) else 0} tokens but "
+                                        f"meta.json says {n}; rebuild with --resume=false")
+            print(f"{out} is already prepared with these settings ({old['tokens']:,} tokens); --resume=false redoes it")
+            return
+    if files is None:
+        check_network(spec.hub)  # before anything is written
+    _ENC = gpt2_encoding()
+    n_proc = c.num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())
+    writer = ShardWriter(out, build, c.shard_size, fresh=not c.resume)
+    caps = [cap for _, targets in streams for _, cap in targets]
+    total = None if None in caps else sum(caps)
+    progress = Progress(total, sum(s['tokens'] for s in writer.state['shards']))
+    if writer.state['shards']:
+        print(f"resuming after {len(writer.state['shards'])} complete shards ({progress.done:,} tokens)")
+    print(f"{name}: GPT-2 BPE with {n_proc} tokeniser process(es), shards of {c.shard_size:,} tokens -> {out}",
+          flush=True)
+    with worker_pool(n_proc) as pool:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # after the fork: workers keep the default
+        try:
+            for i, (src, targets) in enumerate(streams):
+                if i < writer.state['streams_done']:
+                    continue
+                try:
+                    write_stream(writer, i, read_docs(spec, src, files and files[src], c.text_field), targets,
+                                 pool, progress)
+                except OSError as e:  # network drops, unreadable files: the shards written so far stay
+                    raise UserError(f"reading {src} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                    "rerun the same command to continue after the last complete shard") from None
+                writer.state['streams_done'] = i + 1
+                writer.save()
+        except KeyboardInterrupt:
+            raise UserError(f"interrupted; {len(writer.state['shards'])} complete shards are kept in {out}: "
+                            "rerun the same command to continue", EXIT_RESUMABLE) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    dt = time.time() - progress.t0
+    print(f"done: {progress.done - progress.start_done:,} tokens tokenised in {dt:.1f} s "
+          f"({fmt_rate((progress.done - progress.start_done) / max(dt, 1e-9))} tokens/s)")
+    splits = writer.splits()
+    meta = {'dataset': name, 'tokenizer': 'gpt2', 'vocab_size': _ENC.n_vocab, 'eot_id': _ENC.eot_token,
+            'dtype': 'uint16', 'source': source, 'version': source_version(name, spec, files),
+            'documents': 'the end-of-text token (eot_id) precedes every document',
+            'tokens': sum(sum(e['tokens']) for e in splits.values()), 'splits': splits, 'build': build}
+    write_meta(out, meta)
+    os.remove(writer.path)
+    print(f"wrote {out}: " + ', '.join(f"{s} {sum(e['tokens']):,} tokens in {len(e['shards'])} shard(s)"
+                                       for s, e in splits.items()))
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+# -----------------------------------------------------------------------------
+# per-token-id entropy of a reference causal LM, for --masking=entropy
+
+
+def load_reference(ref_path, meta, dev):
+    """(logits function (B, T) -> (B, T, >= vocab), block size, description) of the reference LM."""
+    if ref_path.startswith('hf:'):
+        return load_hf_reference(ref_path[3:], meta, dev)
+    from diffusion import load_checkpoint
+    model, ckpt = load_checkpoint(ref_path, dev)
+    if ckpt['objective'] != 'gpt':
+        raise UserError(f"--ref={ref_path} is a {ckpt['objective']} run; the entropy reference must be a causal "
+                        "LM trained with gpt.py")
+    rm = ckpt['meta']
+    if (rm.get('tokenizer'), rm.get('vocab_size'), rm.get('chars')) != \
+            (meta.get('tokenizer'), meta.get('vocab_size'), meta.get('chars')):
+        raise UserError(f"--ref={ref_path} was trained on {rm.get('dataset')} ({rm.get('tokenizer')}, vocabulary "
+                        f"{rm.get('vocab_size')}) but {meta['dataset']} has ({meta['tokenizer']}, vocabulary "
+                        f"{meta['vocab_size']}): the vocabularies must match")
+    return model, model.cfg.block_size, f"gpt.py checkpoint {os.path.abspath(ref_path)} (step {ckpt['step']})"
+
+
+def load_hf_reference(name, meta, dev):
+    """GPT-2 from transformers, optional: local weights only (a folder or the HF cache)."""
+    if meta['tokenizer'] != 'gpt2':
+        raise UserError(f"--ref=hf:{name} is a GPT-2 BPE model but {meta['dataset']} is tokenised as "
+                        f"{meta['tokenizer']!r}")
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"--ref=hf:{name} needs the transformers package (pip install transformers) and local "
+                        "GPT-2 weights; or pass a gpt.py out_dir") from None
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=True)
+    except OSError as e:
+        raise UserError(f"no local weights for hf:{name} ({str(e).splitlines()[0][:160]}); download them where "
+                        "there is network (or pass a folder holding config.json and the weights)") from None
+    if model.config.vocab_size < meta['vocab_size']:
+        raise UserError(f"hf:{name} has {model.config.vocab_size} tokens, fewer than {meta['vocab_size']}")
+    model.to(dev).eval()
+    block = getattr(model.config, 'n_positions', None) or model.config.max_position_embeddings
+    return (lambda idx: model(idx).logits), block, f"transformers {name}"
+
+
+def entropy_windows(sizes, block, cap):
+    """(shard, start, length) windows of block + 1 tokens (the input and its targets), one
+    token overlapping, so every token but a shard's first is a target exactly once; a shard's
+    tail is a shorter window. With cap > 0: ceil(cap / block) full windows spread evenly."""
+    full, tails = [], []
+    for s, n in enumerate(sizes):
+        for start in range(0, n - 1, block):
+            (full if start + block + 1 <= n else tails).append((s, start, min(block + 1, n - start)))
+    if cap and cap < len(full) * block + sum(w[2] - 1 for w in tails):
+        k = min(len(full), math.ceil(cap / block))
+        return [full[i] for i in np.unique(np.linspace(0, len(full) - 1, k).round().astype(int))]
+    return full + tails
+
+
+def make_entropy(c):
+    """Write data/<dataset>/entropy.npy: for each token id, the mean predictive entropy (nats) of
+    the reference LM over the positions where that id is the next token, divided by the mean
+    over all scored positions (so its occurrence-weighted mean is 1; unseen ids get 1)."""
+    import torch
+    import torch.nn.functional as F
+    from diffusion import TokenData, Tokenizer, load_meta, resolve_device
+    if not c.ref:
+        raise UserError("--entropy needs --ref=OUT_DIR_OF_A_GPT_RUN (or hf:gpt2 with transformers)")
+    meta = load_meta(c.data_dir, c.dataset)
+    data = TokenData(c.data_dir, c.dataset, 'train', meta)      # checks every shard's size
+    dev = resolve_device(c.device)
+    logits_fn, block, about = load_reference(c.ref, meta, dev)
+    V = meta['vocab_size']
+    windows = entropy_windows(data.sizes, block, c.entropy_tokens)
+    total = sum(w[2] - 1 for w in windows)
+    print(f"entropy of {about} on {c.dataset} train: {total:,} target tokens in {len(windows):,} windows of "
+          f"up to {block} on {dev}", flush=True)
+    sums = torch.zeros(V, dtype=torch.float64)
+    counts = torch.zeros(V, dtype=torch.int64)
+    maps = [np.memmap(p, dtype=data.dtype, mode='r') for p in data.paths]
+    autocast = (torch.autocast(device_type='cuda', dtype=torch.bfloat16) if dev.type == 'cuda'
+                else contextlib.nullcontext())
+    progress = Progress(total, 0)
+    groups = itertools.groupby(windows, key=lambda w: w[2])    # full windows first, then each tail
+    with torch.no_grad():
+        for length, group in groups:
+            group = list(group)
+            for i in range(0, len(group), c.batch_size):
+                x = torch.from_numpy(np.stack([maps[s][o:o + n] for s, o, n in group[i:i + c.batch_size]])
+                                     .astype(np.int64)).to(dev)    # (B, L + 1)
+                with autocast:
+                    logits = logits_fn(x[:, :-1])                  # (B, L, >= V)
+                logp = F.log_softmax(logits[..., :V].float(), dim=-1)  # (B, L, V)
+                ent = -logp.exp().mul_(logp).sum(-1)               # (B, L) predictive entropy, nats
+                tgt = x[:, 1:].flatten().cpu()
+                sums.index_add_(0, tgt, ent.flatten().double().cpu())
+                counts += torch.bincount(tgt, minlength=V)
+                progress.add(tgt.numel(), 'entropy')
+    sums, counts = sums.numpy(), counts.numpy()
+    seen = counts > 0
+    mean = sums.sum() / counts.sum()                               # over occurrences
+    ent_norm = np.where(seen, sums / np.maximum(counts, 1), mean) / mean
+    out = os.path.join(c.data_dir, c.dataset, 'entropy.npy')
+    tmp = out + '.tmp'
+    with open(tmp, 'wb') as f:
+        np.save(f, ent_norm.astype(np.float32))
+    os.replace(tmp, out)
+    info = {'ref': about, 'split': 'train', 'tokens_scored': int(counts.sum()), 'entropy_tokens': c.entropy_tokens,
+            'mean_entropy_nats': float(mean), 'ids_seen': int(seen.sum()), 'vocab_size': V,
+            'coverage': float(seen.mean()),
+            'normalisation': 'divided by the mean over scored positions (occurrence-weighted mean 1); unseen ids = 1'}
+    atomic_write_text(json.dumps(info, indent=1) + '\n', os.path.join(c.data_dir, c.dataset, 'entropy.json'))
+    if meta['tokenizer'] == 'gpt2':
+        gpt2_encoding()  # Tokenizer needs the BPE files: point tiktoken at ../shared's copy when unset
+    tok = Tokenizer(meta)
+    frequent = np.flatnonzero(counts >= max(10, np.sort(counts)[-min(V, 100)]))  # the common ids
+    order = frequent[np.argsort(ent_norm[frequent])]
+    show = lambda ids: ' '.join(repr(tok.decode([i])) for i in ids)  # noqa: E731
+    print(f"vocabulary coverage: {seen.sum():,} of {V:,} ids ({100 * seen.mean():.1f}%) are targets in the "
+          f"{counts.sum():,} scored tokens; unseen ids get the mean")
+    print(f"mean entropy {mean:.4f} nats; normalised range {ent_norm.min():.3f} .. {ent_norm.max():.3f}")
+    if len(order):
+        print(f"easiest common tokens: {show(order[:5])}; hardest: {show(order[::-1][:5])}")
+    print(f"wrote {out} ({V} values, occurrence-weighted mean 1)")
+
+
+DATASETS = {'shakespeare_char': prepare_shakespeare_char,
+            **{name: (lambda c, name=name: prepare_bpe(name, c)) for name in BPE_DATASETS}}
+
+
+def main(argv=None):
+    """Settings are applied to a copy of this module's globals, so main can be called again
+    (tests do) without one call's settings leaking into the next."""
+    cfg = configure(dict(globals()), argv, choices={'dataset': tuple(DATASETS)}, verbose=False)
+    c = SimpleNamespace(**cfg)
+    if c.entropy:
+        make_entropy(c)
+    else:
+        DATASETS[c.dataset](c)
 
 
 if __name__ == '__main__':

@@ -2,124 +2,535 @@
 sample.py: generate text from any checkpoint (diffusion or GPT, told apart by the checkpoint).
 
     python sample.py --out_dir=out/diffusion-shakespeare_char-linear-uniform
-    python sample.py --out_dir=out/gpt-shakespeare_char --start="ROMEO:"
+    python sample.py --out_dir=DIR --sampler=remask --steps=32 --num_samples=4 --top_p=0.9
+    python sample.py --out_dir=DIR --start="ROMEO:[MASK:40]
+    JULIET:" --max_new_tokens=0                         # infill 40 tokens in place
+    python sample.py --out_dir=out/gpt-shakespeare_char --start=FILE:prompt.txt --trace=gen.json
 
 The sampling code lives here and is shared by diffusion.py (its end-of-training sample),
-evaluate.py and visualize.py. Every sampler is a generator of (step, tokens, changed).
+evaluate.py and visualize.py: frames() is the one entry point, a generator of
+(step, tokens, changed). Diffusion samplers (each with temperature, top-k and top-p):
+
+  confidence       the reference implementation's: a cosine count schedule says how many masked
+                   positions to reveal per step; the most confident sampled tokens are revealed.
+  ancestral        MDLM's reverse process (Sahoo et al. 2024, eq. 7) with the model's own noise
+                   schedule: each masked token is revealed with probability
+                   (alpha_s - alpha_t) / (1 - alpha_t) and drawn from the model, by Gumbel-max in
+                   float64 (float32 Gumbel noise truncates the tail and lowers the effective
+                   temperature: Zheng et al. 2024, "Masked diffusion models are secretly
+                   time-agnostic masked models and exploit inaccurate categorical sampling").
+                   A final argmax step fills whatever is still masked at t = 0.
+  ancestral_cache  the same samples, but the forward pass is skipped when no token changed in
+                   the previous step (the model is time-agnostic, so its output depends on the
+                   tokens only: MDLM section 4.2). Identical output, fewer forward passes.
+  remask           LLaDA's low-confidence remasking (Nie et al. 2025): a linear count schedule;
+                   each step the masked positions with the highest confidence (max probability,
+                   top-1 minus top-2 margin, or negative entropy: --remask_score) are revealed.
+  threshold        Fast-dLLM's parallel decoding (Wu et al. 2025): every masked position whose
+                   max probability exceeds --threshold is revealed, at least one per step (and
+                   enough to finish within --steps).
+  remdm            ReMDM (Wang et al. 2025): MDLM's reverse process, but already revealed tokens
+                   are remasked with probability sigma_t, so later steps can correct them
+                   (--remdm_mode=cap: sigma_t = min(eta, sigma_max); rescale: eta * sigma_max).
+
+Longer than block_size: semi-autoregressive windows. The first window fills the block; each
+later window keeps the last block_size - stride tokens of the text so far as its (fixed)
+prefix and generates the next stride tokens. GPT slides its own window (gpt.generate).
+
+Infilling: in --start, `[MASK]` is one token to fill and `[MASK:N]` is N tokens; everything
+else stays as written. `[MASK]` rather than `_` because `_` is ordinary text for GPT-2 BPE;
+the brackets are not in the Tiny Shakespeare character set either, so the placeholder cannot
+collide with the text. Masked tokens print as `_`.
+
+Every sample i of a batch draws its randomness from its own generator seeded with seed + i, so
+a batch of N equals N single runs with seeds seed..seed+N-1, and runs are deterministic.
 """
+import json
 import math
+import re
 import time
 
 import torch
 import torch.nn.functional as F
 
-from diffusion import configure, filter_logits, load_checkpoint, resolve_device, run_cli, Tokenizer, UserError
+from diffusion import (EXIT_USAGE, Schedule, Tokenizer, UserError, atomic_write_text, configure, filter_logits,
+                       load_checkpoint, resolve_device, run_cli)
 
 # -----------------------------------------------------------------------------
-out_dir = ''                    # run folder holding ckpt.pt
-sampler = 'confidence'          # diffusion sampler (GPT checkpoints always sample left to right)
-steps = 64                      # diffusion denoising steps per block
+out_dir = ''                    # run folder holding ckpt.pt (diffusion.py or gpt.py)
+sampler = 'ancestral_cache'     # diffusion sampler: one of SAMPLERS (GPT checkpoints sample left to right)
+steps = 64                      # diffusion denoising steps per window (block)
 num_samples = 1                 # samples, generated as one batch
-max_new_tokens = 0              # tokens to generate; 0 = the model's block_size
-start = ''                      # prompt text, or FILE:path
+max_new_tokens = -1             # tokens to append; -1 = fill the block after the prompt (0 if it has [MASK])
+start = ''                      # prompt text with optional [MASK] / [MASK:N] spans, or FILE:path
 temperature = 1.0               # 0 = greedy
 top_k = 0                       # keep the k most likely tokens; 0 = all
-top_p = 1.0                     # nucleus sampling mass; 1.0 = all
-seed = 1337                     # sampling seed
+top_p = 1.0                     # nucleus sampling mass in (0, 1]; 1.0 = all
+seed = 1337                     # sample i of the batch uses seed + i
 device = 'auto'                 # 'auto' | 'cpu' | 'cuda' | 'mps'
+threshold = 0.9                 # threshold sampler: reveal positions whose max probability exceeds this
+remask_score = 'max_prob'       # remask sampler confidence: 'max_prob' | 'margin' | 'neg_entropy'
+remdm_mode = 'cap'              # remdm sigma_t: 'cap' (min(eta, sigma_max)) | 'rescale' (eta * sigma_max)
+remdm_eta = 0.02                # remdm remasking strength eta
+stride = 0                      # new tokens per window after the first (long texts); 0 = block_size // 2
+trace = ''                      # write every frame (step, tokens, changed) to this .json file
 # -----------------------------------------------------------------------------
 
-SAMPLERS = ('confidence',)
+SAMPLERS = ('confidence', 'ancestral', 'ancestral_cache', 'remask', 'threshold', 'remdm')
+REMASK_SCORES = ('max_prob', 'margin', 'neg_entropy')
+REMDM_MODES = ('cap', 'rescale')
+SAMPLER_OPTIONS = ('schedule', 'threshold', 'remask_score', 'remdm_mode', 'remdm_eta', 'stride')
+PLACEHOLDER = re.compile(r'\[MASK(?::(\d+))?\]')   # [MASK] = 1 token, [MASK:N] = N tokens
+
+# -----------------------------------------------------------------------------
+# building blocks shared by the samplers
+
+
+def sample_categorical(logits, gen, temperature=1.0, top_k=0, top_p=1.0):
+    """(M, V) logits -> (M,) ids. Gumbel-max in float64 (exact categorical sampling; float32
+    noise would lower the effective temperature, Zheng et al. 2024). temperature 0 = argmax.
+    gen: this sample's own generator, so the draw does not depend on the rest of the batch."""
+    if temperature == 0 or logits.size(0) == 0:
+        return logits.argmax(-1)
+    z = filter_logits(logits.double() / temperature, top_k, top_p)
+    u = torch.rand(z.shape, generator=gen, dtype=torch.float64, device=gen.device).to(z.device)
+    return (z - torch.log(-torch.log(u))).argmax(-1)            # u in [0, 1): u = 0 gives -inf
+
+
+def uniform(n, gen, device):
+    """n float64 uniforms from one sample's generator."""
+    return torch.rand(n, generator=gen, dtype=torch.float64, device=gen.device).to(device)
+
+
+def forward(model, x):
+    """Logits (B, T, V) float32 at every position of the window x (B, T). Time-conditioned
+    models get the fraction of masked positions, which depends on x only (so caching stays exact).
+    Every position's logits are computed (no select=): the matmul shapes then do not depend on how
+    many positions are masked, which keeps a batch bitwise equal to single runs on CPU."""
+    mask_rate = (x == model.cfg.mask_id).float().mean(1)
+    return model(x, mask_rate=mask_rate).float()
+
+
+def confidence_score(logits, kind):
+    """(M, V) logits -> (M,) confidence of the model's own distribution (temperature 1, unfiltered)."""
+    logp = F.log_softmax(logits.double(), -1)
+    p = logp.exp()
+    if kind == 'max_prob':
+        return p.max(-1).values
+    if kind == 'margin':
+        top2 = p.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    if kind == 'neg_entropy':
+        return (p * logp.masked_fill(p == 0, 0)).sum(-1)
+    raise UserError(f"remask_score={kind!r}: use one of {', '.join(REMASK_SCORES)}", EXIT_USAGE)
+
+
+def time_grid(steps):
+    """Times 1 = t_0 > t_1 > ... > t_steps = 0, uniform as in MDLM: float64 (steps + 1,)."""
+    return 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
+
+# -----------------------------------------------------------------------------
+# diffusion samplers: each takes a window x (B, W) with MASK where tokens are wanted (every other
+# position is context and never changes), updates a copy and yields (step, x, changed).
+# gens: one generator per row. They share the signature so frames() can call any of them.
 
 
 @torch.no_grad()
-def confidence_sampler(model, x, steps, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """The reference implementation's sampler. x: (B, L) with MASK where tokens are wanted.
-    A cosine count schedule decides how many masked positions stay masked after each step;
-    the most confident of the sampled tokens are revealed. Yields (step, x, changed)."""
+def confidence_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, **_):
+    """The reference implementation's sampler: a cosine count schedule decides how many masked
+    positions stay masked after each step; the most confident of the sampled tokens are revealed
+    (confidence = the model's probability of the sampled token)."""
     mask_id = model.cfg.mask_id
     x = x.clone()
-    n0 = (x == mask_id).sum(1)                                     # (B,) masked at the start
+    n0 = (x == mask_id).sum(1)                                          # (B,) masked at the start
+    steps = max(1, min(steps, int(n0.max())))                           # more steps than tokens: idle passes
     for step in range(1, steps + 1):
-        masked = x == mask_id
+        masked = x == mask_id                                           # (B, W)
         if not masked.any():
             break
         keep = torch.ceil(n0 * math.cos(math.pi / 2 * step / steps)).long()  # (B,) still masked after
         if step == steps:
             keep = torch.zeros_like(keep)  # cos(pi/2) is 6e-17, not 0: reveal everything at the end
-        n_reveal = masked.sum(1) - keep
-        logits = model(x, mask_rate=masked.float().mean(1)).float()  # (B, L, V)
-        if temperature == 0:
-            tok = logits.argmax(-1)
-        else:
-            probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), -1)
-            tok = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(x.shape)
-        conf = F.softmax(logits, -1).gather(-1, tok[..., None]).squeeze(-1)  # (B, L)
-        conf = conf.masked_fill(~masked, -1.0)
-        order = conf.argsort(dim=1, descending=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(x.size(1), device=x.device).expand_as(order))
-        changed = masked & (rank < n_reveal[:, None])
-        x = torch.where(changed, tok, x)
+        logits = forward(model, x)                                      # (B, W, V)
+        new = x.clone()
+        for i, gen in enumerate(gens):
+            pos = masked[i].nonzero().squeeze(1)                        # (M,)
+            n = int(pos.numel() - keep[i])
+            if n <= 0:
+                continue
+            tok = sample_categorical(logits[i, pos], gen, temperature, top_k, top_p)
+            conf = F.softmax(logits[i, pos], -1).gather(-1, tok[:, None]).squeeze(1)
+            pick = conf.topk(n).indices
+            new[i, pos[pick]] = tok[pick]
+        changed = new != x
+        x = new
         yield step, x, changed
 
 
+@torch.no_grad()
+def ancestral_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, schedule='linear',
+                      cache=False, **_):
+    """MDLM ancestral sampling, t from 1 to 0 in `steps` uniform steps. From t to s < t each
+    masked token is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) (MDLM eq. 7 with
+    the SUBS parameterisation: revealed tokens stay), its value drawn from the model by float64
+    Gumbel-max. Deciding reveal first, then the token, is the same categorical over V + 1
+    outcomes as MDLM's single draw, and draws noise only where a token is revealed.
+    cache=True: reuse the last logits of a row whose tokens did not change (MDLM's caching);
+    the random draws are the same either way, so the output is identical."""
+    mask_id = model.cfg.mask_id
+    sched = Schedule(schedule)
+    alphas = sched.alpha(time_grid(steps)).tolist()                     # alpha(t_k), k = 0..steps
+    x = x.clone()
+    logits, stale = None, torch.ones(x.size(0), dtype=torch.bool)       # stale: rows needing a pass
+    step = 0
+
+    def refresh():
+        nonlocal logits
+        if not cache or logits is None:
+            logits = forward(model, x)
+        elif stale.any():
+            rows = stale.nonzero().squeeze(1).to(x.device)
+            logits[rows] = forward(model, x[rows])
+        stale.fill_(False)
+
+    for step in range(1, steps + 1):
+        masked = x == mask_id
+        if not masked.any():
+            break
+        a_t, a_s = alphas[step - 1], alphas[step]
+        p_reveal = min(max((a_s - a_t) / (1 - a_t), 0.0), 1.0) if a_t < 1 else 1.0
+        refresh()
+        new = x.clone()
+        for i, gen in enumerate(gens):
+            pos = masked[i].nonzero().squeeze(1)
+            if pos.numel() == 0:
+                continue
+            rev = pos[uniform(pos.numel(), gen, x.device) < p_reveal]
+            new[i, rev] = sample_categorical(logits[i, rev], gen, temperature, top_k, top_p)
+        changed = new != x
+        stale |= changed.any(1).cpu()
+        x = new
+        yield step, x, changed
+    masked = x == mask_id
+    if masked.any():  # alpha(0) < 1 (e.g. clipped_cosine) leaves masks at t = 0: fill them greedily
+        refresh()
+        x = torch.where(masked, logits.argmax(-1), x)
+        yield step + 1, x, masked
+
+
+def ancestral_cache_sampler(model, x, steps, gens, **kw):
+    """ancestral_sampler with the forward pass skipped for rows that did not change."""
+    return ancestral_sampler(model, x, steps, gens, **dict(kw, cache=True))
+
+
+def reveal_counts(n, steps):
+    """LLaDA's linear count schedule: n tokens over `steps` steps, the remainder in the first
+    steps: [n // steps + 1] * (n % steps) + [n // steps] * (steps - n % steps)."""
+    return [n // steps + (1 if k < n % steps else 0) for k in range(steps)]
+
+
+@torch.no_grad()
+def remask_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, remask_score='max_prob', **_):
+    """LLaDA low-confidence remasking: predict every masked position, keep the reveal_counts[k]
+    most confident ones and leave (remask) the rest. The confidence does not depend on the
+    sampled token here, so tokens are drawn at the kept positions only."""
+    mask_id = model.cfg.mask_id
+    x = x.clone()
+    n0 = int((x == mask_id).sum(1).max())
+    steps = max(1, min(steps, n0))
+    counts = [reveal_counts(int(n), steps) for n in (x == mask_id).sum(1).tolist()]  # rows may differ (infill)
+    for step in range(1, steps + 1):
+        masked = x == mask_id
+        if not masked.any():
+            break
+        logits = forward(model, x)
+        new = x.clone()
+        for i, gen in enumerate(gens):
+            pos = masked[i].nonzero().squeeze(1)
+            n = min(counts[i][step - 1], pos.numel())
+            if n == 0:
+                continue
+            pick = pos[confidence_score(logits[i, pos], remask_score).topk(n).indices]
+            new[i, pick] = sample_categorical(logits[i, pick], gen, temperature, top_k, top_p)
+        changed = new != x
+        x = new
+        yield step, x, changed
+
+
+@torch.no_grad()
+def threshold_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, threshold=0.9, **_):
+    """Fast-dLLM confidence-threshold parallel decoding: reveal every masked position whose max
+    probability exceeds `threshold`, and at least ceil(masked / steps left) of the most confident
+    ones (so at least one per step, and the window is done within `steps`). With threshold 1.0
+    and steps >= the masked count this reveals exactly one token per step."""
+    mask_id = model.cfg.mask_id
+    x = x.clone()
+    steps = max(1, min(steps, int((x == mask_id).sum(1).max())))
+    for step in range(1, steps + 1):
+        masked = x == mask_id
+        if not masked.any():
+            break
+        logits = forward(model, x)
+        new = x.clone()
+        for i, gen in enumerate(gens):
+            pos = masked[i].nonzero().squeeze(1)
+            if pos.numel() == 0:
+                continue
+            conf = confidence_score(logits[i, pos], 'max_prob')
+            n = max(int((conf > threshold).sum()), math.ceil(pos.numel() / (steps - step + 1)))
+            pick = pos[conf.topk(n).indices]
+            new[i, pick] = sample_categorical(logits[i, pick], gen, temperature, top_k, top_p)
+        changed = new != x
+        x = new
+        yield step, x, changed
+
+
+@torch.no_grad()
+def remdm_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, schedule='linear',
+                  remdm_mode='cap', remdm_eta=0.02, **_):
+    """ReMDM (Wang et al. 2025, eq. 5): from t to s, a token this window revealed is remasked with
+    probability sigma_t and a masked token is revealed with probability
+    (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t), where sigma_t <= sigma_max =
+    min(1, (1 - alpha_s) / alpha_t) keeps both probabilities valid; sigma_t = 0 is MDLM.
+    Context positions (prompt, previous window, infilling context) are never remasked."""
+    if remdm_mode not in REMDM_MODES:
+        raise UserError(f"remdm_mode={remdm_mode!r}: use one of {', '.join(REMDM_MODES)}", EXIT_USAGE)
+    mask_id = model.cfg.mask_id
+    alphas = Schedule(schedule).alpha(time_grid(steps)).tolist()
+    x = x.clone()
+    free = x == mask_id                                                 # (B, W) positions this window generates
+    step = 0
+    for step in range(1, steps + 1):
+        masked = x == mask_id
+        a_t, a_s = alphas[step - 1], alphas[step]
+        sigma_max = min(1.0, (1 - a_s) / a_t) if a_t > 0 else 1.0
+        sigma = min(remdm_eta, sigma_max) if remdm_mode == 'cap' else remdm_eta * sigma_max
+        sigma = max(sigma, 0.0)
+        p_reveal = min(max((a_s - (1 - sigma) * a_t) / (1 - a_t), 0.0), 1.0) if a_t < 1 else 1.0
+        logits = forward(model, x)
+        new = x.clone()
+        for i, gen in enumerate(gens):
+            pos = masked[i].nonzero().squeeze(1)
+            done = (free[i] & ~masked[i]).nonzero().squeeze(1)          # revealed by this window
+            rev = pos[uniform(pos.numel(), gen, x.device) < p_reveal]
+            new[i, rev] = sample_categorical(logits[i, rev], gen, temperature, top_k, top_p)
+            new[i, done[uniform(done.numel(), gen, x.device) < sigma]] = mask_id
+        changed = new != x
+        x = new
+        yield step, x, changed
+    masked = x == mask_id
+    if masked.any():
+        x = torch.where(masked, forward(model, x).argmax(-1), x)
+        yield step + 1, x, masked
+
+
+SAMPLER_FNS = {'confidence': confidence_sampler, 'ancestral': ancestral_sampler,
+               'ancestral_cache': ancestral_cache_sampler, 'remask': remask_sampler,
+               'threshold': threshold_sampler, 'remdm': remdm_sampler}
+assert tuple(SAMPLER_FNS) == SAMPLERS
+
+# -----------------------------------------------------------------------------
+# the entry point: prompt handling, long texts, GPT
+
+
+def check_options(sampler, steps, num_samples, temperature, top_k, top_p, opts):
+    """One-line errors for settings no sampler can use."""
+    def bad(msg):
+        raise UserError(msg, EXIT_USAGE)
+    unknown = set(opts) - set(SAMPLER_OPTIONS)
+    if unknown:
+        raise TypeError(f"frames() got unknown options {sorted(unknown)}; known: {', '.join(SAMPLER_OPTIONS)}")
+    if sampler not in SAMPLER_FNS:
+        bad(f"sampler={sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if steps < 1:
+        bad(f"steps={steps}: need at least 1")
+    if num_samples < 1:
+        bad(f"num_samples={num_samples}: need at least 1")
+    if temperature < 0:
+        bad(f"temperature={temperature}: must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        bad(f"top_k={top_k}: must be >= 0 (0 = all tokens)")
+    if not 0 < top_p <= 1:
+        bad(f"top_p={top_p}: must be in (0, 1]")
+    if not 0 < opts.get('threshold', 0.9) <= 1:
+        bad(f"threshold={opts['threshold']}: must be in (0, 1]")
+    if opts.get('remdm_eta', 0.0) < 0:
+        bad(f"remdm_eta={opts['remdm_eta']}: must be >= 0")
+    if opts.get('remask_score', 'max_prob') not in REMASK_SCORES:
+        bad(f"remask_score={opts['remask_score']!r}: use one of {', '.join(REMASK_SCORES)}")
+
+
+def window_start(n, first_masked, block_size, stride):
+    """Start of the next window over a sequence of n tokens whose first masked position is
+    first_masked: keep block_size - stride tokens of context before it (fewer at the start),
+    and never run past the end."""
+    return max(0, min(first_masked - (block_size - stride), n - block_size))
+
+
 def frames(model, objective, prompt, max_new_tokens, *, num_samples=1, sampler='confidence', steps=64,
-           temperature=1.0, top_k=0, top_p=1.0, seed=1337, **opts):
+           temperature=1.0, top_k=0, top_p=1.0, seed=1337, stats=None, **opts):
     """The one entry point every consumer uses (diffusion.py, evaluate.py, visualize.py).
-    prompt: list of token ids. Yields (step, tokens, changed): tokens (num_samples, P + n) with
-    MASK where not yet revealed (GPT: the tokens so far), changed a bool mask of the same shape."""
+
+    prompt: list of token ids; for diffusion it may contain model.cfg.mask_id (infilling), and
+    max_new_tokens MASKs are appended. Yields (step, tokens, changed): tokens (num_samples, N)
+    with MASK where not yet revealed (GPT: the tokens so far), changed (num_samples, N) bool.
+    Sample i uses its own generator seeded seed + i. stats: optional dict; stats['nfe'] counts
+    forward passes of the model (one batched call = 1). opts (diffusion): schedule (the
+    checkpoint's ckpt['config']['schedule'], for ancestral and remdm; default linear),
+    threshold, remask_score, remdm_mode, remdm_eta, stride."""
+    check_options(sampler, steps, num_samples, temperature, top_k, top_p, opts)
+    opts['schedule'] = opts.get('schedule') or 'linear'
     dev = next(model.parameters()).device
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    if objective == 'gpt':
-        from gpt import generate
-        first = list(prompt) or [0]
-        x = torch.tensor([first] * num_samples, device=dev)
-        yield from generate(model, x, max_new_tokens, temperature, top_k, top_p, gen)
-        return
-    x = torch.tensor([list(prompt) + [model.cfg.mask_id] * max_new_tokens] * num_samples, device=dev)
-    yield from confidence_sampler(model, x, steps, temperature, top_k, top_p, gen)
+    gen_dev = 'cpu' if dev.type == 'mps' else dev                       # MPS has no float64
+    gens = [torch.Generator(device=gen_dev).manual_seed(seed + i) for i in range(num_samples)]
+    if stats is not None:
+        stats.setdefault('nfe', 0)
+        hook = model.register_forward_pre_hook(lambda *_: stats.__setitem__('nfe', stats['nfe'] + 1))
+    try:
+        if objective == 'gpt':
+            yield from _gpt_frames(model, prompt, max_new_tokens, gens, temperature, top_k, top_p)
+        else:
+            yield from _diffusion_frames(model, prompt, max_new_tokens, gens, sampler, steps, temperature, top_k,
+                                         top_p, opts)
+    finally:
+        if stats is not None:
+            hook.remove()
+
+
+def _gpt_frames(model, prompt, max_new_tokens, gens, temperature, top_k, top_p):
+    """GPT through gpt.generate (KV cache), row i sampling with gens[i]."""
+    from gpt import generate
+    dev = next(model.parameters()).device
+    if model.cfg.mask_id in prompt:
+        raise UserError("GPT generates left to right and cannot infill [MASK] spans; use a diffusion checkpoint",
+                        EXIT_USAGE)
+    x = torch.tensor([list(prompt) or [0]] * len(gens), device=dev)   # (B, P)
+    yield from generate(model, x, max_new_tokens, temperature, top_k, top_p, gens)
+
+
+def _diffusion_frames(model, prompt, max_new_tokens, gens, sampler, steps, temperature, top_k, top_p, opts):
+    dev = next(model.parameters()).device
+    cfg = model.cfg
+    W = cfg.block_size
+    stride_ = opts.pop('stride', 0) or W // 2
+    if not 0 < stride_ <= W:
+        raise UserError(f"stride={stride_}: must be in 1..block_size ({W})", EXIT_USAGE)
+    seq = torch.tensor([list(prompt) + [cfg.mask_id] * max_new_tokens] * len(gens), device=dev)  # (B, N)
+    if seq.numel() and (seq > cfg.mask_id).any():
+        raise UserError(f"prompt holds token ids above the vocabulary ({cfg.mask_id} tokens)", EXIT_USAGE)
+    fn = SAMPLER_FNS[sampler]
+    total, step = 0, 0
+    while True:
+        masked = (seq == cfg.mask_id).any(0).nonzero()  # every row has the same masked positions here
+        if masked.numel() == 0:
+            break
+        a = window_start(seq.size(1), int(masked[0]), W, stride_)
+        for step, xw, ch in fn(model, seq[:, a:a + W], steps, gens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, **opts):
+            seq = seq.clone()
+            seq[:, a:a + W] = xw
+            changed = torch.zeros_like(seq, dtype=torch.bool)
+            changed[:, a:a + W] = ch
+            yield total + step, seq, changed
+        total += step
 
 
 def generate_tokens(model, objective, prompt, max_new_tokens, **kw):
-    """Run frames() to the end: (tokens (B, L), {'nfe', 'seconds', 'tokens_per_s'})."""
-    t0, nfe, x = time.time(), 0, None
-    for nfe, x, _ in frames(model, objective, prompt, max_new_tokens, **kw):
+    """Run frames() to the end: (tokens (B, N), info) with info = {'nfe': forward passes,
+    'steps': frames, 'seconds', 'tokens': tokens generated over the batch, 'tokens_per_s'}."""
+    stats = {'nfe': 0}
+    dev = next(model.parameters()).device
+    t0, n_steps, x = time.time(), 0, None
+    for n_steps, x, _ in frames(model, objective, prompt, max_new_tokens, stats=stats, **kw):
         pass
+    if x is None:
+        raise UserError("nothing to generate: pass max_new_tokens > 0 or a prompt with [MASK] spans", EXIT_USAGE)
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
     dt = time.time() - t0
-    return x, {'nfe': nfe, 'seconds': dt, 'tokens_per_s': x.size(0) * max_new_tokens / max(dt, 1e-9)}
+    n_new = x.size(0) * (max_new_tokens + (list(prompt).count(model.cfg.mask_id) if objective != 'gpt' else 0))
+    return x, {'nfe': stats['nfe'], 'steps': n_steps, 'seconds': dt, 'tokens': n_new,
+               'tokens_per_s': n_new / max(dt, 1e-9)}
 
 
 def sample_text(model, tokenizer, objective, device='cpu', n=None, seed=1337, schedule=None):
     """One sample of n tokens (default block_size) as text: used at the end of training."""
     n = n or model.cfg.block_size
     prompt = [] if objective == 'diffusion' else [tokenizer.eot_id or 0]
-    x, _ = generate_tokens(model, objective, prompt, n - len(prompt), seed=seed, steps=min(64, n))
+    x, _ = generate_tokens(model, objective, prompt, n - len(prompt), seed=seed, sampler=sampler,
+                           steps=min(steps, n), schedule=schedule or 'linear')
     return tokenizer.decode(x[0].tolist())
 
 
+def encode_prompt(tokenizer, text):
+    """Text with [MASK] / [MASK:N] spans -> token ids with tokenizer.mask_id in the spans."""
+    ids, pos = [], 0
+    for m in PLACEHOLDER.finditer(text):
+        ids += tokenizer.encode(text[pos:m.start()]) if m.start() > pos else []
+        n = int(m.group(1) or 1)
+        if n < 1:
+            raise UserError(f"{m.group(0)}: a masked span needs at least one token", EXIT_USAGE)
+        ids += [tokenizer.mask_id] * n
+        pos = m.end()
+    return ids + (tokenizer.encode(text[pos:]) if pos < len(text) else [])
+
+
+def write_trace(path, tokenizer, recorded, meta):
+    """Frames as JSON: {'meta': {...}, 'frames': [{'step', 'tokens': [[id, ...], ...] (MASK =
+    meta['mask_id']), 'changed': [[position, ...], ...] per sample, 'text': [str, ...]}]}."""
+    out = {'meta': meta, 'frames': [
+        {'step': step, 'tokens': x.tolist(), 'changed': [row.nonzero().squeeze(1).tolist() for row in ch],
+         'text': [tokenizer.decode(r) for r in x.tolist()]} for step, x, ch in recorded]}
+    atomic_write_text(json.dumps(out), path)
+
+
 def main():
-    configure(globals(), choices={'sampler': SAMPLERS}, verbose=False)
+    configure(globals(), choices={'sampler': SAMPLERS, 'remask_score': REMASK_SCORES, 'remdm_mode': REMDM_MODES},
+              verbose=False)
     if not out_dir:
-        raise UserError("pass --out_dir=DIR, a run folder made by diffusion.py or gpt.py")
+        raise UserError("pass --out_dir=DIR, a run folder made by diffusion.py or gpt.py", EXIT_USAGE)
     dev = resolve_device(device)
     model, ckpt = load_checkpoint(out_dir, dev)
+    objective = ckpt['objective']
     tok = Tokenizer(ckpt['meta'])
     text = start
     if text.startswith('FILE:'):
-        with open(text[5:], encoding='utf-8') as f:
-            text = f.read()
-    prompt = tok.encode(text) if text else []
-    n = max_new_tokens or model.cfg.block_size - len(prompt)
-    if ckpt['objective'] == 'gpt' and not prompt:
-        prompt = [tok.eot_id if tok.eot_id is not None else 0]
-    x, info = generate_tokens(model, ckpt['objective'], prompt, n, num_samples=num_samples, steps=steps,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    dt, nfe = info['seconds'], info['nfe']
+        try:
+            with open(text[5:], encoding='utf-8') as f:
+                text = f.read()
+        except OSError as e:
+            raise UserError(f"cannot read prompt file {text[5:]}: {e.strerror}") from None
+    prompt = encode_prompt(tok, text)
+    infill = tok.mask_id in prompt
+    if objective == 'gpt' and not prompt:
+        prompt = [tok.eot_id if tok.eot_id is not None else 0]  # GPT needs one token to start from
+    n = max_new_tokens
+    if n < 0:  # auto: fill the block after the prompt (half a block past a long prompt); infill only
+        n = 0 if infill else max(model.cfg.block_size - len(prompt), model.cfg.block_size // 2)
+    kw = dict(num_samples=num_samples, sampler=sampler, steps=steps, temperature=temperature, top_k=top_k,
+              top_p=top_p, seed=seed, schedule=ckpt['config'].get('schedule', 'linear'), threshold=threshold,
+              remask_score=remask_score, remdm_mode=remdm_mode, remdm_eta=remdm_eta, stride=stride)
+    stats = {'nfe': 0}
+    recorded = []
+    t0, x = time.time(), None
+    for step, x, ch in frames(model, objective, prompt, n, stats=stats, **kw):
+        if trace:
+            recorded.append((step, x.cpu(), ch.cpu()))
+    if x is None:
+        raise UserError("nothing to generate: pass --max_new_tokens > 0 or a prompt with [MASK] spans", EXIT_USAGE)
+    dt = time.time() - t0
     for i in range(num_samples):
         print(tok.decode(x[i].tolist()))
         print('-' * 60)
-    print(f"{ckpt['objective']}: {num_samples} x {n} tokens, {nfe} forward passes, {dt:.2f} s, "
-          f"{num_samples * n / dt:,.0f} tokens/s")
+    n_new = n + (prompt.count(tok.mask_id) if infill else 0)
+    how = 'gpt (KV cache)' if objective == 'gpt' else f'diffusion {sampler}, {steps} steps/window'
+    print(f"{how}: {num_samples} x {n_new} tokens, NFE {stats['nfe']} forward passes, {dt:.2f} s, "
+          f"{num_samples * n_new / max(dt, 1e-9):,.0f} tokens/s")
+    if trace:
+        write_trace(trace, tok, recorded, {'objective': objective, 'sampler': sampler if objective != 'gpt' else 'gpt',
+                                           'steps': steps, 'seed': seed, 'mask_id': tok.mask_id,
+                                           'prompt_len': len(prompt), 'nfe': stats['nfe'], 'seconds': dt})
+        print(f"trace: {len(recorded)} frames -> {trace}")
 
 
 if __name__ == '__main__':

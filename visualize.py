@@ -1,0 +1,569 @@
+"""
+visualize.py: the race. The diffusion model reveals tokens everywhere at once in a few dozen
+steps while GPT types left to right, one forward pass per token.
+
+    python visualize.py                                    # the default run folders of diffusion.py and gpt.py
+    python visualize.py --diffusion_dir=out/d --gpt_dir=out/g --steps=32 --length=256
+    python visualize.py --no_animate > race.txt            # final frames only (always so in a pipe)
+    python visualize.py --export=web/frames.json           # then open web/index.html (file:// is fine)
+    python visualize.py --gif=race.gif --mp4=race.mp4      # Pillow; ffmpeg on the PATH for the MP4
+
+Both models sample here and now, from their checkpoints, through sample.frames (the samplers
+sample.py and evaluate.py use); nothing is recorded ahead of time or invented. Each model
+first runs two frames as a warm-up (CUDA context, kernels, allocator) so that neither pays
+start-up costs; then it samples once, every frame kept with the model's elapsed time (our
+bookkeeping, the copy of the tokens to the CPU, is excluded) and the number of forward passes
+(counted by a hook on the model, so a sampler that calls the model twice per step shows it).
+The two recordings are then replayed on one clock, scaled so the race lasts --duration
+seconds; the clocks on screen are the measured ones.
+"""
+import bisect
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass, field
+
+import torch
+
+import diffusion
+import sample
+from diffusion import Tokenizer, UserError, atomic_write_text, configure, load_checkpoint, resolve_device, run_cli
+
+# -----------------------------------------------------------------------------
+diffusion_dir = ''              # diffusion run folder (holds ckpt.pt); '' = diffusion.py's default out_dir
+gpt_dir = ''                    # GPT run folder; '' = gpt.py's default out_dir
+diffusion_only = False          # race the diffusion model alone
+gpt_only = False                # race the GPT model alone
+sampler = 'confidence'          # diffusion sampler: one of sample.SAMPLERS
+steps = 64                      # diffusion denoising steps
+length = 0                      # tokens each model generates; 0 = as many as the smaller block_size allows
+start = ''                      # prompt text given to both models ('' = none; GPT then starts from one token)
+temperature = 1.0               # sampling temperature; 0 = greedy
+top_k = 0                       # keep the k most likely tokens; 0 = all
+top_p = 1.0                     # nucleus sampling mass; 1.0 = all
+seed = 1337                     # sampling seed (the same for both models)
+device = 'auto'                 # 'auto' | 'cpu' | 'cuda' | 'mps'
+no_animate = False              # print the final frames only (always so when stdout is not a terminal)
+fps = 20                        # frames per second of the terminal animation, the GIF and the MP4
+duration = 5.0                  # seconds the replay lasts (the clocks shown stay real); 0 = real time
+width = 0                       # columns; 0 = the terminal's, at most 80 (80 when not a terminal)
+export = ''                     # PATH.json: write the race as PATH.json and PATH.js for web/index.html
+gif = ''                        # PATH.gif: write an animated GIF (needs Pillow)
+mp4 = ''                        # PATH.mp4: write a video (needs Pillow, and ffmpeg on the PATH)
+# -----------------------------------------------------------------------------
+
+MASK_CHAR = '_'         # what a masked position looks like, in the terminal, GIF and web page alike
+HOLD_SECONDS = 2.0      # the GIF and MP4 hold the final frame this long
+FORMAT = 'diffusion-race/1'
+# SGR parameters per style; 'text' is unstyled
+ANSI = {'head': '1', 'prompt': '36', 'mask': '2', 'new': '1;30;43', 'dim': '2', 'win': '1;32'}
+# RGB per style for the GIF and MP4: (foreground, background or None)
+RGB = {'text': ((220, 220, 220), None), 'head': ((255, 255, 255), None), 'prompt': ((110, 200, 255), None),
+       'mask': ((95, 95, 95), None), 'new': ((20, 20, 20), (255, 200, 50)), 'dim': ((140, 140, 140), None),
+       'win': ((110, 240, 110), None)}
+BACKGROUND = (18, 18, 18)
+
+
+@dataclass
+class Frame:
+    step: int           # the sampler's step counter
+    passes: int         # forward passes of the model so far
+    t: float            # seconds of sampling so far, bookkeeping excluded
+    ids: list           # token ids of the sample, MASK where not yet revealed
+
+
+@dataclass
+class Run:
+    """One model's recorded race: frames[0] is the start (prompt, then MASK for diffusion)."""
+    name: str           # 'diffusion' | 'gpt'
+    label: str          # how it samples, e.g. 'confidence sampler, 64 steps'
+    tok: Tokenizer
+    prompt_len: int
+    new_tokens: int
+    frames: list
+    info: dict = field(default_factory=dict)   # out_dir, params, checkpoint step, ...
+
+    @property
+    def seconds(self):
+        return self.frames[-1].t
+
+    @property
+    def final_text(self):
+        return self.tok.decode(self.frames[-1].ids, mask_str=MASK_CHAR)
+
+    def frame_at(self, clock):
+        """Index of the last frame recorded at or before clock (seconds)."""
+        return max(0, bisect.bisect_right([f.t for f in self.frames], clock) - 1)
+
+# -----------------------------------------------------------------------------
+# sampling: the race itself
+
+
+def device_sync(dev):
+    """A function that waits for the device, so that elapsed times are real on CUDA and MPS."""
+    if dev.type == 'cuda':
+        return lambda: torch.cuda.synchronize(dev)
+    if dev.type == 'mps':
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def record(model, objective, prompt, new_tokens, dev, **kw):
+    """Sample once through sample.frames and keep every frame: [Frame], frames[0] the start.
+    kw: sampler, steps, temperature, top_k, top_p, seed (passed to sample.frames)."""
+    for _ in itertools.islice(sample.frames(model, objective, prompt, new_tokens, **kw), 2):
+        pass  # warm-up; the same seed is used again below, so the race itself is unaffected
+    sync = device_sync(dev)
+    passes = [0]
+
+    def count(module, args, output):
+        passes[0] += 1
+    start_ids = list(prompt) + ([model.cfg.mask_id] * new_tokens if objective == 'diffusion' else [])
+    frames = [Frame(0, 0, 0.0, start_ids)]
+    handle = model.register_forward_hook(count)
+    try:
+        sync()
+        overhead = 0.0
+        t0 = time.perf_counter()
+        for step, x, _ in sample.frames(model, objective, prompt, new_tokens, **kw):  # x: (1, P + n)
+            sync()
+            t1 = time.perf_counter()
+            frames.append(Frame(step, passes[0], t1 - t0 - overhead, x[0].tolist()))
+            overhead += time.perf_counter() - t1
+    finally:
+        handle.remove()
+    return frames
+
+
+def default_dir(objective):
+    """The out_dir diffusion.py / gpt.py write to when run with their default settings."""
+    return diffusion.default_out_dir(diffusion.settings_of(vars(diffusion)), objective)
+
+
+def load_runs(dev):
+    """[(objective, out_dir, model, ckpt)] for the models in the race; one clear line when a
+    checkpoint is missing, saying which commands make it."""
+    wanted = [('diffusion', diffusion_dir or default_dir('diffusion')), ('gpt', gpt_dir or default_dir('gpt'))]
+    wanted = [w for w in wanted if not (diffusion_only and w[0] == 'gpt') and not (gpt_only and w[0] == 'diffusion')]
+    missing = [(obj, d) for obj, d in wanted if not os.path.exists(os.path.join(d, 'ckpt.pt'))
+               and not (os.path.isfile(d) and d.endswith('.pt'))]
+    if missing:
+        where = ' and '.join(f"{d} ({obj})" for obj, d in missing)
+        make = '; '.join(['python prepare.py'] + [f"python {obj}.py" + (f" --out_dir={d}" if d != default_dir(obj)
+                                                                           else '') for obj, d in missing])
+        raise UserError(f"no checkpoint in {where}; make one with: {make} (or point --diffusion_dir/--gpt_dir "
+                        f"at a run folder; --diffusion_only/--gpt_only race one model)")
+    out = []
+    for obj, d in wanted:
+        model, ckpt = load_checkpoint(d, dev)
+        if ckpt['objective'] != obj:
+            raise UserError(f"--{obj}_dir={d} holds a {ckpt['objective']} checkpoint; pass it as "
+                            f"--{ckpt['objective']}_dir")
+        out.append((obj, d, model, ckpt))
+    return out
+
+
+def race(dev):
+    """Load the checkpoints and run the race: [Run]."""
+    loaded = load_runs(dev)
+    plans = []
+    for obj, d, model, ckpt in loaded:
+        tok = Tokenizer(ckpt['meta'])
+        prompt = tok.encode(start) if start else []
+        if obj == 'gpt' and not prompt:  # GPT needs one token to start from (as sample.py does)
+            prompt = [tok.eot_id if tok.eot_id is not None else 0]
+        plans.append((obj, d, model, ckpt, tok, prompt))
+    n = length or min(m.cfg.block_size - len(p) for _, _, m, _, _, p in plans)
+    for obj, d, model, ckpt, tok, prompt in plans:
+        if obj == 'diffusion' and len(prompt) + n > model.cfg.block_size:
+            raise UserError(f"--length={n} with a {len(prompt)}-token prompt exceeds the diffusion model's "
+                            f"block_size {model.cfg.block_size}; use --length={model.cfg.block_size - len(prompt)} "
+                            "or less")
+    if n < 1:
+        raise UserError(f"nothing to generate: the prompt fills the block ({n} tokens left); shorten --start")
+    runs = []
+    for obj, d, model, ckpt, tok, prompt in plans:
+        label = f"{sampler} sampler, {steps} steps" if obj == 'diffusion' else 'left to right, KV cache'
+        frames = record(model, obj, prompt, n, dev, sampler=sampler, steps=steps, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed)
+        info = {'out_dir': d, 'params': model.num_params(), 'checkpoint_step': ckpt['step'],
+                'n_layer': model.cfg.n_layer, 'n_embd': model.cfg.n_embd, 'block_size': model.cfg.block_size}
+        runs.append(Run(obj, label, tok, len(prompt), n, frames, info))
+    return runs
+
+# -----------------------------------------------------------------------------
+# rendering: rows of (text, style) segments, shared by the terminal, the GIF and the MP4
+
+
+def token_pieces(tok, ids):
+    """The text of each position (None for MASK). Each run of real tokens is decoded whole,
+    so ''.join of its pieces == tok.decode(run), also where GPT-2 BPE tokens split a
+    character (the first ones get '', the last one the character)."""
+    out = [None] * len(ids)
+    i = 0
+    while i < len(ids):
+        if ids[i] == tok.mask_id:
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and ids[j] != tok.mask_id:
+            j += 1
+        run = ids[i:j]
+        if tok.kind == 'gpt2':
+            text, offsets = tok.enc.decode_with_offsets(run)
+            ends = list(offsets[1:]) + [len(text)]
+            out[i:j] = [text[a:b] for a, b in zip(offsets, ends)]
+        else:
+            out[i:j] = [tok.decode([t]) for t in run]
+        i = j
+    return out
+
+
+def cell_width(ch):
+    """Terminal columns of one character: 2 for East Asian wide ones."""
+    return 2 if unicodedata.east_asian_width(ch) in 'WF' else 1
+
+
+def shown(ch):
+    """Characters as displayed: tabs as a space, other control characters as '?'."""
+    if ch == '\t':
+        return ' '
+    return '?' if unicodedata.category(ch) == 'Cc' else ch
+
+
+def layout(cells, width):
+    """cells: [(char, style)] -> rows [[(text, style)]], wrapped at width columns; '\\n' ends a row."""
+    rows, row, col = [], [], 0
+    for ch, style in cells:
+        if ch == '\n':
+            rows.append(row)
+            row, col = [], 0
+            continue
+        ch = shown(ch)
+        w = cell_width(ch)
+        if col + w > width and row:
+            rows.append(row)
+            row, col = [], 0
+        row.append((ch, style))
+        col += w
+    rows.append(row)
+    return [merge(r) for r in rows]
+
+
+def merge(cells):
+    """Join neighbouring cells of the same style into segments."""
+    out = []
+    for ch, style in cells:
+        if out and out[-1][1] == style:
+            out[-1] = (out[-1][0] + ch, style)
+        else:
+            out.append((ch, style))
+    return out
+
+
+def row_text(row):
+    return ''.join(t for t, _ in row)
+
+
+def fmt_seconds(t):
+    return f"{1000 * t:.0f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def text_rows(run, k, prev, width):
+    """The wrapped text of run at frame k; positions that differ from frame prev are 'new'."""
+    pieces = token_pieces(run.tok, run.frames[k].ids)
+    before = token_pieces(run.tok, run.frames[prev].ids) if prev != k else pieces
+    cells = []
+    for i, piece in enumerate(pieces):
+        if piece is None:
+            cells.append((MASK_CHAR, 'mask'))
+            continue
+        style = ('prompt' if i < run.prompt_len else
+                 'new' if i >= len(before) or before[i] != piece else 'text')
+        cells.extend((ch, style) for ch in piece)
+    return layout(cells, width)
+
+
+def header_row(run, k, clock, width):
+    """'diffusion (confidence sampler, 64 steps)   step 12/64  passes 12   210 ms', cut to width."""
+    f, last = run.frames[k], run.frames[-1]
+    t = run.seconds if k == len(run.frames) - 1 else min(clock, run.seconds)
+    w = len(str(last.step))
+    stats = f"step {f.step:>{w}}/{last.step}  passes {f.passes:>{len(str(last.passes))}}  {fmt_seconds(t):>7}"
+    name = f"{run.name} ({run.label})"
+    if len(name) + 2 + len(stats) > width:
+        name = run.name
+    gap = max(2, width - len(name) - len(stats))
+    return [(name, 'head'), (' ' * gap, 'text'), (stats, 'dim')]
+
+
+def summary_lines(runs):
+    """The result in words: the winner and the ratio, or one model's figures."""
+    n = runs[0].new_tokens
+    if len(runs) == 1:
+        r = runs[0]
+        return [f"{r.name}: {n} tokens in {r.frames[-1].step} steps, {r.frames[-1].passes} forward passes, "
+                f"{fmt_seconds(r.seconds)} ({n / max(r.seconds, 1e-9):,.0f} tokens/s)"]
+    a, b = sorted(runs, key=lambda r: r.seconds)
+    ratio = b.seconds / max(a.seconds, 1e-9)
+    return [f"winner: {a.name}, {ratio:.1f}x faster than {b.name} ({fmt_seconds(a.seconds)} vs "
+            f"{fmt_seconds(b.seconds)} for {n} tokens;",
+            f"{a.frames[-1].passes} vs {b.frames[-1].passes} forward passes)"]
+
+
+def screen(runs, ks, prevs, clock, width, max_rows=None, done=False):
+    """The whole picture: per run a header and its text (cut to max_rows), then the result
+    when done. Returns rows of (text, style) segments, none wider than width."""
+    rows = []
+    for run, k, prev in zip(runs, ks, prevs):
+        body = text_rows(run, k, prev, width)
+        if max_rows is not None and len(body) > max_rows:
+            cut = len(body) - max_rows + 1
+            body = body[:max_rows - 1] + [[(f"... {cut} more row{'s' * (cut > 1)}", 'dim')]]
+        rows += [header_row(run, k, clock, width)] + body + [[]]
+    if done:
+        for line in summary_lines(runs):
+            rows += layout([(ch, 'win') for ch in line], width)
+    return rows
+
+
+def to_ansi(rows, color):
+    """Rows of segments -> lines of text; SGR colour codes only when color is True."""
+    if not color:
+        return [row_text(r) for r in rows]
+    return [''.join(f"\x1b[{ANSI[s]}m{t}\x1b[0m" if s in ANSI else t for t, s in r) for r in rows]
+
+
+def use_color(stream):
+    """Colour only on a terminal, and never with NO_COLOR set (https://no-color.org) or TERM=dumb."""
+    return (stream.isatty() and not os.environ.get('NO_COLOR') and os.environ.get('TERM') != 'dumb')
+
+
+def clocks(runs, fps, duration):
+    """Replay clock (seconds of real sampling time) at each frame of the animation."""
+    end = max(r.seconds for r in runs)
+    n = max(1, math.ceil((duration if duration > 0 else end) * fps))
+    return [end * i / n for i in range(n + 1)]
+
+
+def replay(runs, fps, duration, width, max_rows=None):
+    """Yield the screen (rows) at each animation frame. A run's new tokens stay highlighted
+    until its next frame is shown."""
+    ticks = clocks(runs, fps, duration)
+    shown_k = [0] * len(runs)
+    prevs = [0] * len(runs)
+    for i, clock in enumerate(ticks):
+        ks = [r.frame_at(clock) for r in runs]
+        if i == len(ticks) - 1:
+            ks = [len(r.frames) - 1 for r in runs]
+        prevs = [s if k != s else p for k, s, p in zip(ks, shown_k, prevs)]
+        shown_k = ks
+        yield screen(runs, ks, prevs, clock, width, max_rows, done=i == len(ticks) - 1)
+
+
+def final_screen(runs, width):
+    last = [len(r.frames) - 1 for r in runs]
+    return screen(runs, last, last, max(r.seconds for r in runs), width, done=True)
+
+
+def animate(runs, out, width, color):
+    """Play the race in place on a terminal: redraw the region with cursor movements."""
+    term = shutil.get_terminal_size()
+    fixed = 2 * len(runs) + 3  # headers, blank rows, the result
+    max_rows = max(1, (term.lines - 1 - fixed) // len(runs))
+    printed, t0 = 0, time.perf_counter()
+    out.write('\x1b[?25l')  # hide the cursor while drawing
+    try:
+        for i, rows in enumerate(replay(runs, fps, duration, width, max_rows)):
+            lines = to_ansi(rows, color)
+            lines += [''] * (printed - len(lines))  # the region never shrinks: no stale rows left
+            up = f"\x1b[{printed}F" if printed else ''
+            out.write(up + ''.join(f"\x1b[2K{ln}\n" for ln in lines))
+            out.flush()
+            printed = len(lines)
+            wait = t0 + (i + 1) / fps - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+    finally:
+        out.write('\x1b[?25h')
+        out.flush()
+    if any(len(text_rows(r, len(r.frames) - 1, len(r.frames) - 1, width)) > max_rows for r in runs):
+        out.write("(text cut to fit the terminal; --no_animate prints it whole)\n")
+
+# -----------------------------------------------------------------------------
+# exports: frames for the web page, GIF, MP4
+
+
+def race_json(runs):
+    """The race for web/race.js: per run its frames as changes to the text of each position
+    (None = MASK), with elapsed time, step and forward passes."""
+    out = []
+    for r in runs:
+        frames, before = [], []
+        for f in r.frames:
+            pieces = token_pieces(r.tok, f.ids)
+            changes = [[i, p] for i, p in enumerate(pieces) if i >= len(before) or before[i] != p]
+            frames.append({'step': f.step, 'passes': f.passes, 't': round(f.t, 6), 'length': len(pieces),
+                           'set': changes})
+            before = pieces
+        out.append({'name': r.name, 'label': r.label, 'prompt_len': r.prompt_len, 'new_tokens': r.new_tokens,
+                    'seconds': round(r.seconds, 6), 'final_text': r.final_text, 'frames': frames, **r.info})
+    return {'format': FORMAT, 'mask': MASK_CHAR, 'duration': duration or max(r.seconds for r in runs),
+            'summary': ' '.join(summary_lines(runs)), 'runs': out}
+
+
+def write_export(runs, path):
+    """Write PATH.json and PATH.js (the same data assigned to window.RACE_FRAMES, which a page
+    opened from file:// can load with a <script> tag where fetch() is not allowed)."""
+    data = json.dumps(race_json(runs), ensure_ascii=False, separators=(',', ':'))
+    js = path[:-len('.json')] + '.js'
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(data + '\n', path)
+    atomic_write_text(f"window.RACE_FRAMES = {data};\n", js)
+    return js
+
+
+def page_hint(js):
+    """How to open the page for an export at js."""
+    web = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'web')
+    rel = os.path.relpath(os.path.abspath(js), web).replace(os.sep, '/')
+    page = os.path.relpath(os.path.join(web, 'index.html'))
+    return page if rel == 'frames.js' else f"{page}?frames={rel}"
+
+
+def need_pillow(what):
+    try:
+        from PIL import Image, ImageDraw, ImageFont
+    except ImportError:
+        raise UserError(f"{what} needs Pillow: pip install pillow") from None
+    return Image, ImageDraw, ImageFont
+
+
+def mono_font(ImageFont, size=15):
+    """A monospace TrueType font when one is installed, else Pillow's built-in one."""
+    for name in ('DejaVuSansMono.ttf', 'LiberationMono-Regular.ttf', 'Menlo.ttc', 'Consolas.ttf',
+                 'Courier New.ttf'):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default()
+
+
+def images(runs, width):
+    """The animation as RGB PIL images of one size (even, for video encoders), plus the
+    number of repeats of the last one that hold the result for HOLD_SECONDS."""
+    Image, ImageDraw, ImageFont = need_pillow('--gif/--mp4')
+    font = mono_font(ImageFont)
+    left, top, right, bottom = font.getbbox('M')
+    cw, lh = max(1, round(font.getlength('M'))), max(bottom, 1) + 5
+    screens = list(replay(runs, fps, duration, width))
+    pad = 12
+    w = pad * 2 + width * cw
+    h = pad * 2 + max(len(s) for s in screens) * lh
+    w, h = w + w % 2, h + h % 2
+    out = []
+    for rows in screens:
+        img = Image.new('RGB', (w, h), BACKGROUND)
+        draw = ImageDraw.Draw(img)
+        for y, row in enumerate(rows):
+            col = 0
+            for text, style in row:
+                fg, bg = RGB.get(style, RGB['text'])
+                for ch in text:  # one cell per character keeps columns aligned in any font
+                    x0, y0 = pad + col * cw, pad + y * lh
+                    cells = cell_width(ch)
+                    if bg:
+                        draw.rectangle([x0, y0, x0 + cells * cw - 1, y0 + lh - 1], fill=bg)
+                    draw.text((x0, y0 + 2), ch, font=font, fill=fg)
+                    col += cells
+        out.append(img)
+    return out, max(1, round(HOLD_SECONDS * fps))
+
+
+def write_gif(runs, path, width):
+    imgs, hold = images(runs, width)
+    frame_ms = max(20, round(1000 / fps))  # most viewers treat delays under 20 ms as 100 ms
+    durations = [frame_ms] * (len(imgs) - 1) + [frame_ms * hold]
+    imgs = [im.quantize(colors=64) for im in imgs]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=durations, loop=0, optimize=True)
+
+
+def write_mp4(runs, path, width):
+    ffmpeg = shutil.which('ffmpeg')
+    imgs, hold = images(runs, width)
+    w, h = imgs[0].size
+    cmd = [ffmpeg, '-loglevel', 'error', '-y', '-f', 'rawvideo', '-pix_fmt', 'rgb24', '-s', f'{w}x{h}',
+           '-r', str(fps), '-i', '-', '-pix_fmt', 'yuv420p', '-movflags', '+faststart', path]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for im in imgs + [imgs[-1]] * (hold - 1):
+            proc.stdin.write(im.tobytes())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # ffmpeg stopped early; its message follows
+    err = proc.stderr.read().decode(errors='replace').strip()
+    if proc.wait() != 0:
+        raise UserError(f"ffmpeg failed writing {path}: {(err.splitlines() or ['no message'])[-1]}")
+
+# -----------------------------------------------------------------------------
+
+
+def check_settings():
+    """One clear line for each impossible combination, before any model is loaded."""
+    if diffusion_only and gpt_only:
+        raise UserError("--diffusion_only and --gpt_only exclude each other", diffusion.EXIT_USAGE)
+    if fps <= 0 or duration < 0 or steps < 1 or length < 0:
+        raise UserError("need --fps > 0, --duration >= 0, --steps >= 1 and --length >= 0", diffusion.EXIT_USAGE)
+    if width and width < 20:
+        raise UserError(f"--width={width}: use 0 (the terminal's) or at least 20 columns", diffusion.EXIT_USAGE)
+    if export and not export.endswith('.json'):
+        raise UserError(f"--export={export}: give a path ending in .json (a .js is written beside it)",
+                        diffusion.EXIT_USAGE)
+    if gif or mp4:
+        need_pillow('--gif' if gif else '--mp4')
+    if mp4 and not shutil.which('ffmpeg'):
+        raise UserError("--mp4 needs ffmpeg on the PATH (apt-get install ffmpeg, or brew install ffmpeg); "
+                        "--gif works without it")
+
+
+def main():
+    configure(globals(), choices={'sampler': sample.SAMPLERS}, verbose=False)
+    check_settings()
+    dev = resolve_device(device)
+    out = sys.stdout
+    tty = out.isatty()
+    cols = width or (min(80, shutil.get_terminal_size().columns) if tty else 80)
+    if tty:
+        out.write('sampling...')
+        out.flush()
+    runs = race(dev)
+    if tty:
+        out.write('\r' + ' ' * 11 + '\r')
+    color = use_color(out)
+    if tty and not no_animate and os.environ.get('TERM') != 'dumb':
+        animate(runs, out, cols, color)
+    else:
+        out.write(''.join(ln + '\n' for ln in to_ansi(final_screen(runs, cols), color)))
+    if export:
+        js = write_export(runs, export)
+        print(f"wrote {export} and {js}; open {page_hint(js)}")
+    if gif:
+        write_gif(runs, gif, cols)
+        print(f"wrote {gif}")
+    if mp4:
+        write_mp4(runs, mp4, cols)
+        print(f"wrote {mp4}")
+
+
+if __name__ == '__main__':
+    try:
+        run_cli(main)
+    except KeyboardInterrupt:
+        sys.exit(130)
