@@ -690,8 +690,7 @@ class Tokenizer:
             self.itos = meta['chars']
             self.stoi = {ch: i for i, ch in enumerate(self.itos)}
         elif self.kind == 'gpt2':
-            import tiktoken
-            self.enc = tiktoken.get_encoding('gpt2')
+            self.enc = gpt2_encoding()
         else:
             raise UserError(f"unknown tokenizer {self.kind!r} in meta.json")
 
@@ -721,6 +720,19 @@ class Tokenizer:
 
     def _decode(self, ids):
         return ''.join(self.itos[i] for i in ids) if self.kind == 'char' else self.enc.decode(ids)
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE; offline it uses ../shared/tiktoken_cache when that exists."""
+    shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'tiktoken_cache')
+    if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(shared):
+        os.environ['TIKTOKEN_CACHE_DIR'] = shared
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except OSError as e:  # requests' connection errors are OSErrors
+        raise UserError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); without network, set "
+                        "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files") from None
 
 
 def load_meta(data_dir, dataset):

@@ -23,6 +23,7 @@ after it, so a rerun continues after the last complete shard; meta.json, the onl
 loader reads, is written last.
 """
 import contextlib
+import gc
 import itertools
 import json
 import math
@@ -42,7 +43,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from diffusion import EXIT_RESUMABLE, UserError, atomic_write_text, configure, run_cli
+from diffusion import EXIT_RESUMABLE, UserError, atomic_write_text, configure, gpt2_encoding, run_cli
 
 # -----------------------------------------------------------------------------
 dataset = 'shakespeare_char'    # which dataset to prepare: shakespeare_char | shakespeare | fineweb_edu | tinystories | wikitext2
@@ -68,9 +69,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, '..', 'shared')
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 SHARED_SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare.txt')
-SHARED_TIKTOKEN = os.path.join(SHARED, 'tiktoken_cache')
 EOT_TEXT = '<|endoftext|>'      # documents separator in .txt releases (TinyStories)
 PROGRESS_EVERY = 10.0           # seconds between progress lines
+TASK_DOCS, TASK_CHARS = 4096, 1 << 20   # the most documents / characters in one worker task
 
 
 def download(url, path):
@@ -171,40 +172,29 @@ BPE_DATASETS = {
 SPLIT_WORDS = {'train': {'train', 'training'}, 'val': {'val', 'valid', 'validation', 'dev'}, 'test': {'test'}}
 
 
-def gpt2_encoding():
-    """tiktoken's GPT-2 BPE; ../shared/tiktoken_cache is used when TIKTOKEN_CACHE_DIR is unset."""
-    if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(SHARED_TIKTOKEN):
-        os.environ['TIKTOKEN_CACHE_DIR'] = SHARED_TIKTOKEN
-    import tiktoken
-    try:
-        return tiktoken.get_encoding('gpt2')
-    except OSError as e:  # requests' ConnectionError: the BPE files are fetched on first use
-        raise UserError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); without network, set "
-                        "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files") from None
-
-
 _ENC = None  # set in the main process before the workers fork, so they inherit it
 
 
 def encode_docs(texts):
     """Worker: a list of documents -> (tokens (N,) uint16, lengths (D,) int64). Each document
     is preceded by the end-of-text token (as GPT-2's training data), so the token stream reads
-    EOT doc0 EOT doc1 ... and every window of it can tell where documents start. encode_ordinary
-    never turns '<|endoftext|>' written inside a document into the EOT id."""
+    EOT doc0 EOT doc1 ... and every window of it can tell where documents start. With no special
+    token allowed or disallowed, encode_to_numpy is encode_ordinary without a Python list: the
+    text '<|endoftext|>' inside a document stays ordinary text, never the EOT id."""
     enc = _ENC or gpt2_encoding()
-    encoded = [enc.encode_ordinary(t) for t in texts]
+    encoded = [enc.encode_to_numpy(t, disallowed_special=()) for t in texts]   # uint32 arrays
     lengths = np.array([len(e) + 1 for e in encoded], dtype=np.int64)
     out = np.empty(int(lengths.sum()), dtype=np.uint16)  # GPT-2 ids < 50257 fit in uint16
-    start = 0
-    for e, n in zip(encoded, lengths):
-        out[start] = enc.eot_token
-        out[start + 1:start + n] = e
-        start += n
+    starts = np.cumsum(lengths) - lengths
+    out[starts] = enc.eot_token
+    for e, s in zip(encoded, starts.tolist()):
+        out[s + 1:s + 1 + len(e)] = e
     return out, lengths
 
 
 def _worker_init():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    gc.disable()  # tasks make no reference cycles; collections would only cost time
 
 
 @contextlib.contextmanager
@@ -216,7 +206,11 @@ def worker_pool(n):
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context('fork' if 'fork' in methods and sys.platform != 'darwin' else 'spawn')
-    pool = ctx.Pool(n, initializer=_worker_init)
+    gc.freeze()  # the workers' garbage collector never walks (and so never copies) the parent's objects
+    try:
+        pool = ctx.Pool(n, initializer=_worker_init)
+    finally:
+        gc.unfreeze()
     try:
         yield pool
     finally:
@@ -224,13 +218,14 @@ def worker_pool(n):
         pool.join()
 
 
-def doc_batches(docs, max_docs=256, max_chars=1 << 20):
-    """Group documents into worker tasks of at most max_docs documents or ~max_chars characters."""
+def doc_batches(docs):
+    """Group documents into worker tasks of at most TASK_DOCS documents or ~TASK_CHARS characters:
+    large enough that the per-task cost (pickling, result handling, ~1 ms) is small."""
     batch, chars = [], 0
     for d in docs:
         batch.append(d)
         chars += len(d)
-        if len(batch) >= max_docs or chars >= max_chars:
+        if len(batch) >= TASK_DOCS or chars >= TASK_CHARS:
             yield batch
             batch, chars = [], 0
     if batch:
@@ -464,6 +459,7 @@ def write_stream(writer, index, docs, targets, pool, progress):
     if fill:  # the source ended: its last, shorter shard
         writer.flush(split, buf[:fill], index, (doc_base, 0))
         count[split] += fill
+    progress.add(0, split, force=True)
     empty = [s for s, cap in targets[t + 1:] if cap != 0] + ([split] if count[split] == 0 else [])
     if empty:
         raise UserError(f"the source ended after {sum(count.values()):,} tokens, leaving the {empty[0]} split "

@@ -37,7 +37,8 @@
 # Array mode: task i of --array=0-11 trains schedule SCHEDULES[i // 2] (linear, cosine, loglinear,
 # ... as listed in diffusion.py) with masking ('uniform', 'entropy')[i % 2], in its default
 # out_dir out/diffusion-<dataset>-<schedule>-<masking> (with --out_dir=D: D/<schedule>-<masking>).
-# Entropy masking needs <data_dir>/<dataset>/entropy.npy first (see diffusion.py --entropy_file).
+# Entropy masking needs <data_dir>/<dataset>/entropy.npy first: train a GPT (SCRIPT=gpt.py), then
+# python prepare.py --entropy --ref=out/gpt-<dataset> --dataset=<dataset>.
 # One GPU per task is usually plenty: sbatch --array=0-11 --gpus-per-node=1 --cpus-per-task=8 ...
 #
 # Multi-node: sbatch --nodes=4 slurm_train.sh ... runs one `srun` task per node, each a torchrun
@@ -74,15 +75,26 @@ forwarded=0    # ... and passed on to a process that handles it
 trap 'got_signal=1' USR1
 
 catches_usr1() {  # catches_usr1 PID: true when PID has a handler for SIGUSR1 (bit 9 of SigCgt)
-    local mask
-    mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
+    local key value mask=
+    while read -r key value; do
+        [[ $key == SigCgt: ]] && mask=$value
+    done 2>/dev/null < "/proc/$1/status"
     [[ -n $mask ]] && (( (16#$mask >> 9) & 1 ))
+}
+
+children() {  # children PID: the pids whose parent is PID (read from /proc: no procps needed)
+    local f line fields
+    for f in /proc/[0-9]*/stat; do
+        read -r line 2>/dev/null < "$f" || continue
+        read -ra fields <<< "${line##*) }"   # what follows "pid (comm) ": state ppid ...
+        [[ ${fields[1]:-} == "$1" ]] && { f=${f#/proc/}; echo "${f%/stat}"; }
+    done
 }
 
 forward() {  # forward MODE PID: send USR1 to the training processes that handle it; true if any did
     local mode=$1 pid=$2 p ok=1 targets
     if [[ $mode == torchrun ]]; then
-        targets=$(pgrep -P "$pid")   # torchrun's children are the workers; torchrun does not handle USR1
+        targets=$(children "$pid")   # torchrun's children are the workers; torchrun does not handle USR1
     else
         targets=$pid                 # python itself, or srun (which passes it to every node)
     fi

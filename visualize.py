@@ -40,10 +40,10 @@ diffusion_dir = ''              # diffusion run folder (holds ckpt.pt); '' = dif
 gpt_dir = ''                    # GPT run folder; '' = gpt.py's default out_dir
 diffusion_only = False          # race the diffusion model alone
 gpt_only = False                # race the GPT model alone
-sampler = 'confidence'          # diffusion sampler: one of sample.SAMPLERS
-steps = 64                      # diffusion denoising steps
+sampler = sample.sampler        # diffusion sampler: one of sample.SAMPLERS (default: sample.py's)
+steps = 64                      # diffusion denoising steps (per window of block_size tokens)
 length = 0                      # tokens each model generates; 0 = as many as the smaller block_size allows
-start = ''                      # prompt text given to both models ('' = none; GPT then starts from one token)
+start = ''                      # prompt for both models ('' = none: GPT starts from one token); [MASK:N] infills
 temperature = 1.0               # sampling temperature; 0 = greedy
 top_k = 0                       # keep the k most likely tokens; 0 = all
 top_p = 1.0                     # nucleus sampling mass; 1.0 = all
@@ -116,28 +116,21 @@ def device_sync(dev):
 
 def record(model, objective, prompt, new_tokens, dev, **kw):
     """Sample once through sample.frames and keep every frame: [Frame], frames[0] the start.
-    kw: sampler, steps, temperature, top_k, top_p, seed (passed to sample.frames)."""
+    kw: sampler, steps, temperature, top_k, top_p, seed, schedule (passed to sample.frames)."""
     for _ in itertools.islice(sample.frames(model, objective, prompt, new_tokens, **kw), 2):
         pass  # warm-up; the same seed is used again below, so the race itself is unaffected
     sync = device_sync(dev)
-    passes = [0]
-
-    def count(module, args, output):
-        passes[0] += 1
     start_ids = list(prompt) + ([model.cfg.mask_id] * new_tokens if objective == 'diffusion' else [])
     frames = [Frame(0, 0, 0.0, start_ids)]
-    handle = model.register_forward_hook(count)
-    try:
+    stats = {'nfe': 0}  # frames() counts the model's forward passes here
+    sync()
+    overhead = 0.0
+    t0 = time.perf_counter()
+    for step, x, _ in sample.frames(model, objective, prompt, new_tokens, stats=stats, **kw):  # x: (1, N)
         sync()
-        overhead = 0.0
-        t0 = time.perf_counter()
-        for step, x, _ in sample.frames(model, objective, prompt, new_tokens, **kw):  # x: (1, P + n)
-            sync()
-            t1 = time.perf_counter()
-            frames.append(Frame(step, passes[0], t1 - t0 - overhead, x[0].tolist()))
-            overhead += time.perf_counter() - t1
-    finally:
-        handle.remove()
+        t1 = time.perf_counter()
+        frames.append(Frame(step, stats['nfe'], t1 - t0 - overhead, x[0].tolist()))
+        overhead += time.perf_counter() - t1
     return frames
 
 
@@ -175,26 +168,22 @@ def race(dev):
     plans = []
     for obj, d, model, ckpt in loaded:
         tok = Tokenizer(ckpt['meta'])
-        prompt = tok.encode(start) if start else []
+        prompt = sample.encode_prompt(tok, start) if start else []
         if obj == 'gpt' and not prompt:  # GPT needs one token to start from (as sample.py does)
             prompt = [tok.eot_id if tok.eot_id is not None else 0]
         plans.append((obj, d, model, ckpt, tok, prompt))
-    n = length or min(m.cfg.block_size - len(p) for _, _, m, _, _, p in plans)
-    for obj, d, model, ckpt, tok, prompt in plans:
-        if obj == 'diffusion' and len(prompt) + n > model.cfg.block_size:
-            raise UserError(f"--length={n} with a {len(prompt)}-token prompt exceeds the diffusion model's "
-                            f"block_size {model.cfg.block_size}; use --length={model.cfg.block_size - len(prompt)} "
-                            "or less")
-    if n < 1:
-        raise UserError(f"nothing to generate: the prompt fills the block ({n} tokens left); shorten --start")
+    infill = any(tok.mask_id in prompt for *_, tok, prompt in plans)  # [MASK] spans in --start
+    n = length or (0 if infill else min(m.cfg.block_size - len(p) for _, _, m, _, _, p in plans))
+    if n < 1 and not infill:
+        raise UserError("nothing to generate: the prompt fills the block; pass --length=N or shorten --start")
     runs = []
     for obj, d, model, ckpt, tok, prompt in plans:
         label = f"{sampler} sampler, {steps} steps" if obj == 'diffusion' else 'left to right, KV cache'
         frames = record(model, obj, prompt, n, dev, sampler=sampler, steps=steps, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed)
+                        top_k=top_k, top_p=top_p, seed=seed, schedule=ckpt['config'].get('schedule'))
         info = {'out_dir': d, 'params': model.num_params(), 'checkpoint_step': ckpt['step'],
                 'n_layer': model.cfg.n_layer, 'n_embd': model.cfg.n_embd, 'block_size': model.cfg.block_size}
-        runs.append(Run(obj, label, tok, len(prompt), n, frames, info))
+        runs.append(Run(obj, label, tok, len(prompt), n + prompt.count(tok.mask_id), frames, info))
     return runs
 
 # -----------------------------------------------------------------------------
@@ -279,12 +268,13 @@ def text_rows(run, k, prev, width):
     """The wrapped text of run at frame k; positions that differ from frame prev are 'new'."""
     pieces = token_pieces(run.tok, run.frames[k].ids)
     before = token_pieces(run.tok, run.frames[prev].ids) if prev != k else pieces
+    start_ids = run.frames[0].ids
     cells = []
     for i, piece in enumerate(pieces):
         if piece is None:
             cells.append((MASK_CHAR, 'mask'))
             continue
-        style = ('prompt' if i < run.prompt_len else
+        style = ('prompt' if i < run.prompt_len and start_ids[i] != run.tok.mask_id else  # not an infilled span
                  'new' if i >= len(before) or before[i] != piece else 'text')
         cells.extend((ch, style) for ch in piece)
     return layout(cells, width)
@@ -300,7 +290,7 @@ def header_row(run, k, clock, width):
     if len(name) + 2 + len(stats) > width:
         name = run.name
     gap = max(2, width - len(name) - len(stats))
-    return [(name, 'head'), (' ' * gap, 'text'), (stats, 'dim')]
+    return [(name, 'head'), (' ' * gap, 'text'), (stats[:max(0, width - len(name) - gap)], 'dim')]
 
 
 def summary_lines(runs):
@@ -414,8 +404,7 @@ def race_json(runs):
             before = pieces
         out.append({'name': r.name, 'label': r.label, 'prompt_len': r.prompt_len, 'new_tokens': r.new_tokens,
                     'seconds': round(r.seconds, 6), 'final_text': r.final_text, 'frames': frames, **r.info})
-    return {'format': FORMAT, 'mask': MASK_CHAR, 'duration': duration or max(r.seconds for r in runs),
-            'summary': ' '.join(summary_lines(runs)), 'runs': out}
+    return {'format': FORMAT, 'mask': MASK_CHAR, 'summary': ' '.join(summary_lines(runs)), 'runs': out}
 
 
 def write_export(runs, path):

@@ -22,19 +22,27 @@ mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 
 stop_pidfile() {  # stop_pidfile FILE: TERM the daemon named in FILE, wait up to 10 s, then KILL
-    local f=$1 pid i
+    local f=$1 pid
     [[ -f $f ]] || return 0
     pid=$(cat "$f")
     if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
         kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         kill -KILL "$pid" 2>/dev/null || true
     fi
     rm -f "$f"
 }
 
 if [[ $cmd == stop ]]; then
-    # slurmd first: it signals the job steps it still runs before exiting
+    # cancel this cluster's jobs first: their processes (under slurmstepd) outlive slurmd
+    export SLURM_CONF=$dir/slurm.conf PATH=$PATH:/usr/sbin
+    if [[ -f $dir/slurmctld.pid ]] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
+        mapfile -t jobs < <(squeue -h -o %i 2>/dev/null || true)
+        if (( ${#jobs[@]} )); then
+            scancel "${jobs[@]}" 2>/dev/null || true
+            for _ in $(seq 75); do [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break; sleep 0.2; done
+        fi
+    fi
     stop_pidfile "$dir/slurmd.pid"
     stop_pidfile "$dir/slurmctld.pid"
     stop_pidfile "$dir/munged.pid"
@@ -47,7 +55,7 @@ done
 [[ $(id -u) == 0 ]] || { echo "slurmd must run as root here" >&2; exit 3; }
 export PATH=$PATH:/usr/sbin
 node=${NODE:-$(hostname -s)}
-cpus=${CPUS:-$(nproc)}
+cpus=${CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}   # nproc obeys OMP_NUM_THREADS
 mkdir -p "$dir/state" "$dir/spool" "$dir/log"
 chmod 700 "$dir"
 
@@ -92,7 +100,7 @@ EOF
 export SLURM_CONF=$dir/slurm.conf
 slurmctld -c   # -c: start clean, whatever an earlier cluster left in DIR
 slurmd
-for i in $(seq 150); do
+for _ in $(seq 150); do
     state=$(sinfo -h -n "$node" -o %t 2>/dev/null || true)
     if [[ $state == idle ]]; then
         echo "local SLURM up: node $node ($cpus CPUs); export SLURM_CONF=$SLURM_CONF"

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ import torch
 
 import evaluate as ev
 from conftest import run_script
-from diffusion import (ModelConfig, Schedule, TokenData, Tokenizer, UserError, atomic_save, diffusion_loss,
-                       load_checkpoint, padded_vocab, read_checkpoint, rng, settings_of)
+from diffusion import (ModelConfig, Schedule, TokenData, Tokenizer, Transformer, UserError, atomic_save,
+                       diffusion_loss, load_checkpoint, padded_vocab, read_checkpoint, rng, settings_of)
 
 PROBS = torch.tensor([8, 4, 2, 1, 1], dtype=torch.float64) / 16     # a fixed categorical over 5 tokens
 ENTROPY = float(-(PROBS * PROBS.log()).sum())                       # its entropy, nats
@@ -158,6 +159,26 @@ def test_gen_ppl_matches_direct_computation(tiny_runs):
         assert feats.shape == (1, model.cfg.n_embd)
 
 
+def test_transformers_reference_matches_direct_computation(tmp_path):
+    """--ref=hf:PATH (a GPT-2-shaped model through transformers, local files only): the sequence
+    is scored after <|endoftext|>, every token counted; features are the last hidden state."""
+    transformers = pytest.importorskip('transformers', reason='transformers is optional (--ref=gpt2)')
+    pytest.importorskip('tiktoken')
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(tmp_path / 'tiny-gpt2')
+    ref = ev.load_ref(f"hf:{tmp_path / 'tiny-gpt2'}", torch.device('cpu'), None)
+    ids = ref.encode('First Citizen: before we proceed any further, hear me speak.')
+    nll, count, feats = ref.score([ids])
+    full = torch.tensor([[50256] + ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(full).logits[0].double(), -1)           # (T, V)
+    hand = -logp[torch.arange(len(ids)), full[0, 1:]].sum().item()
+    assert count.tolist() == [len(ids)] and nll[0] == pytest.approx(hand, rel=1e-5)
+    assert feats.shape == (1, 32) and ref.same_vocab({'tokenizer': 'gpt2'}) and not ref.same_vocab({'tokenizer': 'char'})
+
+
 def test_text_statistics():
     seqs = [[0, 1, 0, 1], [2, 2, 2, 2]]
     assert ev.distinct_n(seqs, 1) == 3 / 8
@@ -195,6 +216,45 @@ def test_masking_at_evaluation_does_not_follow_checkpoint(tiny_runs, tmp_path, m
     low, high = m[x < V // 2].mean().item(), m[x >= V // 2].mean().item()
     assert abs(low - high) < 0.05, (low, high)         # entropy masking would make these ~3x apart
     assert os.path.exists(os.path.join(ent_dir, 'eval.json'))
+
+
+def test_bpe_model_zero_shot_wikitext2(tmp_path):
+    """A GPT-2 BPE checkpoint is also scored zero-shot on data_dir/wikitext2 (its test split, two
+    shards here); without that dataset the evaluation says so and goes on."""
+    V = 50257
+    root = tmp_path / 'data'
+
+    def make(name, splits):  # prepare.py's format: meta.json + uint16 token files per split
+        d = root / name
+        d.mkdir(parents=True)
+        meta = {'dataset': name, 'tokenizer': 'gpt2', 'vocab_size': V, 'eot_id': V - 1, 'dtype': 'uint16',
+                'splits': {}}
+        g = np.random.default_rng(0)
+        for split, sizes in splits.items():
+            names = [f'{split}_{i}.bin' for i in range(len(sizes))]
+            for fn, n in zip(names, sizes):
+                g.integers(0, V, n).astype(np.uint16).tofile(d / fn)
+            meta['splits'][split] = {'shards': names, 'tokens': list(sizes)}
+        (d / 'meta.json').write_text(json.dumps(meta))
+        return meta
+    meta = make('bpe', {'train': [1000], 'val': [300]})
+    cfg = ModelConfig(vocab_size=padded_vocab(V), mask_id=V, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    run = tmp_path / 'run'
+    run.mkdir()
+    atomic_save({'model': Transformer(cfg).state_dict(), 'model_args': asdict(cfg), 'objective': 'diffusion',
+                 'config': {'data_dir': str(root), 'dataset': 'bpe', 'schedule': 'linear', 'masking': 'uniform'},
+                 'meta': meta, 'step': 0}, str(run / 'ckpt.pt'))
+    c = settings(max_tokens=0, passes=2, num_samples=0, curve_points=0)
+    res = ev.evaluate_run(str(run), c, log=lambda *_: None)
+    assert 'wikitext2' not in res and any('WikiText-2 skipped: not prepared' in n for n in res['notes'])
+    assert res['likelihood']['windows'] == 299 // 16
+    make('wikitext2', {'val': [200], 'test': [150, 170]})
+    wt = ev.evaluate_run(str(run), c, log=lambda *_: None)['wikitext2']
+    assert wt['split'] == 'test' and wt['windows'] == 149 // 16 + 169 // 16
+    assert wt['continuous']['bits_unit'] == 'bits/token' and 'discrete' in wt
+    # an untrained model predicts nearly uniformly over the real tokens: NELBO ~ ln V
+    assert abs(wt['continuous']['nats'] - math.log(V)) < 0.02 * math.log(V)
 
 
 def test_cli_json_cache_and_compare(tiny_runs, tmp_path):
@@ -246,9 +306,16 @@ def test_cli_json_cache_and_compare(tiny_runs, tmp_path):
 def test_bad_input_is_one_line(tiny_runs, tmp_path):
     r = run_script('evaluate.py', '--compare', check=False)
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and '--compare needs run folders' in r.stderr
-    r = run_script('evaluate.py', f'--out_dir={tiny_runs["diffusion"]}', '--passes=1', '--num_samples=0',
-                   '--max_tokens=512', check=False)
-    assert r.returncode == 2 and 'at least 2' in r.stderr and r.stderr.count('\n') == 1
+    run = str(tmp_path / 'run')
+    shutil.copytree(tiny_runs['diffusion'], run)
+    with pytest.raises(UserError, match='at least 2 are needed') as e:
+        ev.evaluate_run(run, settings(passes=1, num_samples=0, max_tokens=512), log=lambda *_: None)
+    assert e.value.code == 2
+    with pytest.raises(UserError, match='does not use the checkpoint.s vocabulary'):
+        ckpt = read_checkpoint(run)
+        ckpt['meta'] = {**ckpt['meta'], 'chars': ckpt['meta']['chars'][::-1]}
+        atomic_save(ckpt, os.path.join(run, 'ckpt.pt'))
+        ev.evaluate_run(run, settings(num_samples=0, max_tokens=512), log=lambda *_: None)
     with pytest.raises(UserError, match='must be autoregressive'):
         ev.gpt_ref(tiny_runs['diffusion'], torch.device('cpu'), ev.contextlib.nullcontext())
     with pytest.raises(UserError, match='not a run folder'):

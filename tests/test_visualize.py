@@ -24,7 +24,7 @@ ESC = '\x1b'
 def settings(**kw):
     """visualize's module settings for one race, restored afterwards."""
     base = dict(diffusion_dir='', gpt_dir='', diffusion_only=False, gpt_only=False, length=LENGTH, steps=STEPS,
-                start='', seed=1337, temperature=1.0, top_k=0, top_p=1.0, fps=20, duration=0.2)
+                sampler='confidence', start='', seed=1337, temperature=1.0, top_k=0, top_p=1.0, fps=20, duration=0.2)
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {**base, **kw}.items():
             mp.setattr(visualize, k, v)
@@ -37,12 +37,13 @@ def runs(tiny_runs):
         return visualize.race(torch.device('cpu'))
 
 
-def sampler_text(out_dir, objective):
+def sampler_text(out_dir, objective, sampler='confidence'):
     """The same sample drawn directly through sample.generate_tokens, decoded."""
     model, ckpt = load_checkpoint(out_dir)
     tok = Tokenizer(ckpt['meta'])
     prompt = [] if objective == 'diffusion' else [tok.eot_id if tok.eot_id is not None else 0]
-    x, info = sample.generate_tokens(model, objective, prompt, LENGTH, steps=STEPS, seed=1337)
+    x, info = sample.generate_tokens(model, objective, prompt, LENGTH, sampler=sampler, steps=STEPS, seed=1337,
+                                     schedule=ckpt['config'].get('schedule'))
     return tok.decode(x[0].tolist()), info
 
 
@@ -120,7 +121,7 @@ def test_animation_redraws_in_place_and_ends_on_the_final_frame(runs, monkeypatc
 def test_cli_in_a_pipe_with_export(tiny_runs, tmp_path):
     export = tmp_path / 'web' / 'frames.json'
     r = run_script('visualize.py', f"--diffusion_dir={tiny_runs['diffusion']}", f"--gpt_dir={tiny_runs['gpt']}",
-                   f'--length={LENGTH}', f'--steps={STEPS}', f'--export={export}')
+                   f'--length={LENGTH}', f'--steps={STEPS}', '--sampler=confidence', f'--export={export}')
     race_lines = r.stdout.split('\nwrote ')[0].splitlines()  # the file paths after it may be long
     assert ESC not in r.stdout and all(len(ln) <= WIDTH for ln in race_lines)
     assert 'winner: ' in r.stdout and 'x faster than ' in r.stdout and f'wrote {export}' in r.stdout
@@ -141,14 +142,21 @@ def test_cli_in_a_pipe_with_export(tiny_runs, tmp_path):
         assert len(run['frames']) == 1 + (STEPS if run['name'] == 'diffusion' else LENGTH)
 
 
-def test_one_model_and_bad_settings(tiny_runs):
-    with settings(diffusion_dir=tiny_runs['diffusion'], diffusion_only=True):
+def test_one_model_other_samplers_and_bad_settings(tiny_runs):
+    # ancestral_cache skips the forward pass when no token changed: passes are counted, not assumed
+    with settings(diffusion_dir=tiny_runs['diffusion'], diffusion_only=True, sampler='ancestral_cache'):
         (run,) = visualize.race(torch.device('cpu'))
-        assert run.name == 'diffusion' and visualize.summary_lines([run])[0].startswith('diffusion: 24 tokens')
+    text, info = sampler_text(tiny_runs['diffusion'], 'diffusion', 'ancestral_cache')
+    assert run.name == 'diffusion' and run.final_text == text and run.frames[-1].passes == info['nfe'] <= STEPS + 1
+    assert visualize.summary_lines([run])[0].startswith(f'diffusion: {LENGTH} tokens in ')
+    # infilling: the prompt stays, the [MASK:6] span is revealed and is not styled as prompt
+    with settings(diffusion_dir=tiny_runs['diffusion'], diffusion_only=True, length=0, start='ROMEO:[MASK:6] the'):
+        (run,) = visualize.race(torch.device('cpu'))
+    assert run.new_tokens == 6 and run.final_text.startswith('ROMEO:') and run.final_text.endswith(' the')
+    styles = [st for row in visualize.text_rows(run, len(run.frames) - 1, 0, WIDTH) for t, st in row for _ in t]
+    pieces = visualize.token_pieces(run.tok, run.frames[-1].ids)
+    assert styles == [('new' if 6 <= i < 12 else 'prompt') for i, p in enumerate(pieces) for ch in p if ch != '\n']
     with settings(gpt_dir=tiny_runs['diffusion'], gpt_only=True), pytest.raises(UserError, match='--diffusion_dir'):
-        visualize.race(torch.device('cpu'))
-    with settings(diffusion_dir=tiny_runs['diffusion'], gpt_dir=tiny_runs['gpt'], length=40), \
-            pytest.raises(UserError, match='block_size 32'):
         visualize.race(torch.device('cpu'))
     with settings(diffusion_only=True, gpt_only=True), pytest.raises(UserError, match='exclude'):
         visualize.check_settings()

@@ -167,6 +167,8 @@
     panel.querySelector('.time').textContent = fmtSeconds(finished ? run.seconds : Math.min(clock, run.seconds));
 
     const pieces = piecesAt(r, k);
+    // prompt positions are those given from the start (an infilled [MASK] span of the prompt is not)
+    const fixed = new Set(run.frames[0].set.filter(([i, s]) => s !== null && i < run.prompt_len).map(([i]) => i));
     const fresh = new Set(k > 0 ? f.set.filter(([, s]) => s !== null).map(([i]) => i) : []);
     const frag = document.createDocumentFragment();
     let cls = null;
@@ -179,10 +181,10 @@
     for (let i = 0; i < pieces.length; i++) {
       const s = pieces[i];
       const c = s === null || s === undefined ? 'mask'
-        : i < run.prompt_len ? 'prompt' : fresh.has(i) ? 'new' : '';
+        : fixed.has(i) ? 'prompt' : fresh.has(i) ? 'new' : '';
       if (c !== cls) { flush(); cls = c; }
       buf += c === 'mask' ? race.mask : s;
-      if (c !== 'mask' && i >= run.prompt_len) revealed++;
+      if (c !== 'mask' && !fixed.has(i)) revealed++;
     }
     flush();
     panel.querySelector('.text').replaceChildren(frag);
