@@ -381,7 +381,7 @@ def frames(model, objective, prompt, max_new_tokens, *, num_samples=1, sampler='
     check_options(sampler, steps, num_samples, temperature, top_k, top_p, opts)
     opts['schedule'] = opts.get('schedule') or 'linear'
     dev = next(model.parameters()).device
-    gen_dev = 'cpu' if dev.type == 'mps' else dev                       # MPS has no float64
+    gen_dev = 'cpu' if dev.type == 'mps' and objective != 'gpt' else dev  # MPS has no float64 (diffusion noise)
     gens = [torch.Generator(device=gen_dev).manual_seed(seed + i) for i in range(num_samples)]
     if stats is not None:
         stats.setdefault('nfe', 0)

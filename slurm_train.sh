@@ -275,7 +275,8 @@ fi
 rc=$?
 
 st=$(status)
-log "training exited with code $rc, status '${st:-none}'"
+log "training exited with code $rc, status '${st:-none}'${st:+ (from status.json)}"
+[[ $st == interrupted && $rc == 1 ]] && log "(torchrun reports its workers' exit code $EXIT_RESUMABLE, saved and resumable, as 1)"
 if [[ $st == finished ]] || (( rc == 0 )); then   # rc 0: train() returned (max_iters reached)
     log "finished: $out_dir"
     exit 0
@@ -284,4 +285,4 @@ if (( got_signal )) || [[ $st == interrupted ]]; then
     requeue "$@"
 fi
 log "training failed (no signal, no checkpoint-and-exit): not requeued"
-exit $(( rc == 0 ? 1 : rc ))
+exit "$rc"

@@ -40,15 +40,18 @@ def test_no_mask_and_context_fixed(dmodel, name):
     assert prompt.count(mask) == 8 and P == 24
     fixed = torch.tensor([t != mask for t in prompt])
     ref = torch.tensor(prompt)
-    last = None
+    last, remasked = None, 0
     for step, x, changed in sample.frames(model, 'diffusion', prompt, 10, num_samples=2, sampler=name, steps=6,
                                           seed=3, schedule='clipped_cosine' if name == 'ancestral' else 'linear',
                                           remdm_eta=0.5):
         assert x.shape == (2, P + 10) and changed.shape == x.shape
         assert torch.equal(x[:, :P][:, fixed], ref[fixed].expand(2, -1)), f"context changed at step {step}"
         assert not changed[:, :P][:, fixed].any()
+        if last is not None:
+            remasked += int((changed & (x == mask) & (last != mask)).sum())
         last = x
     assert not (last == mask).any()
+    assert (remasked > 0) == (name == 'remdm')   # only ReMDM takes revealed tokens back
 
 
 def test_cache_is_exact_with_fewer_passes(dmodel):
