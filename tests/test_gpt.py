@@ -178,7 +178,8 @@ def test_sigusr1_resume_bit_identical(tiny_runs, char_data, tmp_path):
     with open(os.path.join(out, 'status.json')) as f:
         status = json.load(f)
     assert status['status'] == 'interrupted' and 3 <= status['step'] < 40, status
-    run_script('gpt.py', '--init_from=resume', f'--out_dir={out}')
+    r = run_script('gpt.py', '--init_from=resume', f'--out_dir={out}', '--sample_at_end=true')
+    assert 'more samples: python sample.py' in r.stdout          # GPTObjective.sample ran at the end
     with open(os.path.join(out, 'status.json')) as f:
         assert json.load(f)['status'] == 'finished'
     done, ref = read_checkpoint(out), read_checkpoint(tiny_runs['gpt'])
