@@ -367,7 +367,7 @@ def window_start(n, first_masked, block_size, stride):
     return max(0, min(first_masked - (block_size - stride), n - block_size))
 
 
-def frames(model, objective, prompt, max_new_tokens, *, num_samples=1, sampler='confidence', steps=64,
+def frames(model, objective, prompt, max_new_tokens, *, num_samples=1, sampler='ancestral_cache', steps=64,
            temperature=1.0, top_k=0, top_p=1.0, seed=1337, stats=None, **opts):
     """The one entry point every consumer uses (diffusion.py, evaluate.py, visualize.py).
 

@@ -11,7 +11,6 @@ for generative perplexity), then `prepare.py --entropy`, then the 12 diffusion c
 runs are skipped. At the 124M scale, train with `sbatch --array=0-11 slurm_train.sh
 config/fineweb_124m.py` and point --runs_dir at those runs with --train=false.
 """
-import glob
 import json
 import os
 import subprocess
@@ -37,14 +36,14 @@ n_layer = 4
 n_head = 4
 n_embd = 128
 block_size = 64
-batch_size = 32
-max_iters = 2000
+batch_size = 12
+max_iters = 1000
 learning_rate = 1e-3
-eval_interval = 500
+eval_interval = 250
 eval_iters = 20
 device = 'cpu'
 # evaluation (evaluate.py)
-eval_args = ''                  # extra --key=value arguments for evaluate.py, space-separated
+eval_args = '--passes=2 --max_tokens=32768 --curve_points=5 --curve_tokens=8192 --num_samples=8 --sample_seeds=1'  # for evaluate.py
 # -----------------------------------------------------------------------------
 
 
