@@ -229,43 +229,10 @@ def reveal_counts(n, steps):
     return [n // steps + (1 if k < n % steps else 0) for k in range(steps)]
 
 
-@torch.no_grad()
-def remask_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, remask_score='max_prob', **_):
-    """LLaDA low-confidence remasking: predict every masked position, keep the reveal_counts[k]
-    most confident ones and leave (remask) the rest. The confidence does not depend on the
-    sampled token here, so tokens are drawn at the kept positions only."""
+def reveal_most_confident(model, x, steps, gens, how_many, score, temperature, top_k, top_p):
+    """Each step, score every masked position, sample tokens at the how_many(i, step, conf) most
+    confident ones and leave the rest masked. Shared by remask and threshold."""
     mask_id = model.cfg.mask_id
-    x = x.clone()
-    n0 = int((x == mask_id).sum(1).max())
-    steps = max(1, min(steps, n0))
-    counts = [reveal_counts(int(n), steps) for n in (x == mask_id).sum(1).tolist()]  # rows may differ (infill)
-    for step in range(1, steps + 1):
-        masked = x == mask_id
-        if not masked.any():
-            break
-        logits = forward(model, x)
-        new = x.clone()
-        for i, gen in enumerate(gens):
-            pos = masked[i].nonzero().squeeze(1)
-            n = min(counts[i][step - 1], pos.numel())
-            if n == 0:
-                continue
-            pick = pos[confidence_score(logits[i, pos], remask_score).topk(n).indices]
-            new[i, pick] = sample_categorical(logits[i, pick], gen, temperature, top_k, top_p)
-        changed = new != x
-        x = new
-        yield step, x, changed
-
-
-@torch.no_grad()
-def threshold_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, threshold=0.9, **_):
-    """Fast-dLLM confidence-threshold parallel decoding: reveal every masked position whose max
-    probability exceeds `threshold`, and at least ceil(masked / steps left) of the most confident
-    ones (so at least one per step, and the window is done within `steps`). With threshold 1.0
-    and steps >= the masked count this reveals exactly one token per step."""
-    mask_id = model.cfg.mask_id
-    x = x.clone()
-    steps = max(1, min(steps, int((x == mask_id).sum(1).max())))
     for step in range(1, steps + 1):
         masked = x == mask_id
         if not masked.any():
@@ -276,13 +243,41 @@ def threshold_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0
             pos = masked[i].nonzero().squeeze(1)
             if pos.numel() == 0:
                 continue
-            conf = confidence_score(logits[i, pos], 'max_prob')
-            n = max(int((conf > threshold).sum()), math.ceil(pos.numel() / (steps - step + 1)))
+            conf = confidence_score(logits[i, pos], score)
+            n = min(how_many(i, step, conf), pos.numel())
+            if n == 0:
+                continue
             pick = pos[conf.topk(n).indices]
             new[i, pick] = sample_categorical(logits[i, pick], gen, temperature, top_k, top_p)
         changed = new != x
         x = new
         yield step, x, changed
+
+
+@torch.no_grad()
+def remask_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, remask_score='max_prob', **_):
+    """LLaDA low-confidence remasking: predict every masked position, keep the reveal_counts[k]
+    most confident ones and leave (remask) the rest. The confidence does not depend on the
+    sampled token here, so tokens are drawn at the kept positions only."""
+    mask_id = model.cfg.mask_id
+    n0 = int((x == mask_id).sum(1).max())
+    steps = max(1, min(steps, n0))
+    counts = [reveal_counts(int(n), steps) for n in (x == mask_id).sum(1).tolist()]  # rows may differ (infill)
+    yield from reveal_most_confident(model, x.clone(), steps, gens, lambda i, step, conf: counts[i][step - 1],
+                                     remask_score, temperature, top_k, top_p)
+
+
+@torch.no_grad()
+def threshold_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, threshold=0.9, **_):
+    """Fast-dLLM confidence-threshold parallel decoding: reveal every masked position whose max
+    probability exceeds `threshold`, and at least ceil(masked / steps left) of the most confident
+    ones (so at least one per step, and the window is done within `steps`). With threshold 1.0
+    and steps >= the masked count this reveals exactly one token per step."""
+    steps = max(1, min(steps, int((x == model.cfg.mask_id).sum(1).max())))
+    yield from reveal_most_confident(
+        model, x.clone(), steps, gens,
+        lambda i, step, conf: max(int((conf > threshold).sum()), math.ceil(conf.numel() / (steps - step + 1))),
+        'max_prob', temperature, top_k, top_p)
 
 
 @torch.no_grad()
