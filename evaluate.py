@@ -38,13 +38,14 @@ same figures for length-matched validation text. MAUVE (Pillutla et al. 2021) th
 Results are cached in <out_dir>/eval.json; --compare reuses them when the checkpoint step and
 every setting given on the command line match, else evaluates the run again.
 """
+import contextlib
 import glob
+import importlib.util
 import json as jsonlib  # `json` is a setting (--json=PATH)
 import math
 import os
 import sys
 import time
-import contextlib
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ discrete = True                 # also the exact discrete any-order bound (k ~ U
 curve_points = 10               # mask rates of the CE / accuracy / entropy curve (0 = no curve)
 curve_tokens = 32768            # tokens scored per mask rate on that curve
 wikitext = True                 # BPE models: also zero-shot on data_dir/wikitext2 when prepared
-ref = ''                        # reference AR model: a gpt.py run folder | gpt2[-medium|-large|-xl] | hf:NAME_OR_PATH | '' = none
+ref = ''                        # reference AR model: gpt.py run folder | gpt2[-medium|-large|-xl] | hf:PATH | '' = none
 num_samples = 16                # samples per seed for sample quality (0 = no samples)
 sample_seeds = 3                # sampling seeds averaged (sample quality, MAUVE)
 sampler = ''                    # diffusion sampler of sample.py; '' = sample.py's default (GPT samples left to right)
@@ -354,6 +355,7 @@ def likelihood(model, objective, w, c, char, autocast=contextlib.nullcontext(), 
         n = max(1, min(len(x), c['curve_tokens'] // x.size(1)))
         sub = x[torch.linspace(0, len(x) - 1, n).round().long().unique()]
         res['curve'] = mask_rate_curve(model, sub, c['curve_points'], c['batch_size'], c['seed'], autocast)
+        res['curve_area'] = float(np.mean([p['ce'] for p in res['curve']]))   # midpoint rule: ~ the NELBO
     return res
 
 # -----------------------------------------------------------------------------
@@ -543,13 +545,11 @@ def sample_quality(model, objective, meta, data, ref, c, schedule='linear'):
     if ref is None:
         res['notes'].append("no --ref: no generative perplexity or MAUVE (pass --ref=DIR of a gpt.py run, or gpt2)")
     want_mauve = c['mauve'] and ref is not None
-    if want_mauve:
-        try:
-            import mauve as _mauve  # noqa: F401  (only to know whether it is there)
-            res['mauve_features'] = f"final hidden state at the last token, {ref.name}"
-        except ImportError:
-            want_mauve = False
-            res['notes'].append("MAUVE skipped: mauve-text is not installed (pip install mauve-text)")
+    if want_mauve and importlib.util.find_spec('mauve') is None:
+        want_mauve = False
+        res['notes'].append("MAUVE skipped: mauve-text is not installed (pip install mauve-text)")
+    elif want_mauve:
+        res['mauve_features'] = f"final hidden state at the last token, {ref.name}"
     for s in range(c['sample_seeds']):
         sd = c['seed'] + s * c['num_samples']       # sample i of the batch uses sd + i: no seed twice
         toks, info = run_sampler(model, objective, n, c['num_samples'], sd, c, tok, schedule)
@@ -569,24 +569,22 @@ def sample_quality(model, objective, meta, data, ref, c, schedule='linear'):
         if s == 0:
             res['examples'] = [tok.decode(t) for t in toks[:2].tolist()]
         res['per_seed'].append(rec)
+    # mean and standard deviation over the seeds
+    seeds = res['per_seed']
     res['mean'], res['sd'] = {}, {}
-    for who in ('samples', 'data'):
-        for k in res['per_seed'][0][who] if res['per_seed'] else ():
-            v = np.array([r[who][k] for r in res['per_seed']])
-            res['mean'][f'{who}_{k}'], res['sd'][f'{who}_{k}'] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    if want_mauve and res['per_seed']:
+    figures = {f'{who}_{k}': [r[who][k] for r in seeds] for who in ('samples', 'data') for k in seeds[0][who]}
+    if want_mauve:
+        figures['mauve'] = [r['mauve'] for r in seeds]
         if c['num_samples'] < 100:
             res['notes'].append(f"MAUVE from {c['num_samples']} samples per seed is a rough figure (k-means on so few "
                                 "points; Pillutla et al. use thousands): raise --num_samples for a firm one")
-        v = np.array([r['mauve'] for r in res['per_seed']])
-        res['mean']['mauve'], res['sd']['mauve'] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    if objective == 'diffusion' and res['per_seed']:
-        rates = np.array([r['change_rate_per_step'] for r in res['per_seed']
-                          if len(r['change_rate_per_step']) == len(res['per_seed'][0]['change_rate_per_step'])])
-        revs = np.array([r['revision_rate_per_step'] for r in res['per_seed']
-                         if len(r['revision_rate_per_step']) == len(res['per_seed'][0]['revision_rate_per_step'])])
-        res['change_rate_per_step'] = rates.mean(0).tolist()
-        res['revision_rate_per_step'] = revs.mean(0).tolist()
+    for k, v in figures.items():
+        res['mean'][k] = float(np.mean(v))
+        res['sd'][k] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    if objective == 'diffusion':  # per reverse step, averaged over seeds (frames per run may differ)
+        for key in ('change_rate_per_step', 'revision_rate_per_step'):
+            runs = [r[key] for r in seeds]
+            res[key] = [float(np.mean([run[i] for run in runs if i < len(run)])) for i in range(max(map(len, runs)))]
     return res
 
 
@@ -739,6 +737,8 @@ def describe_likelihood(lik, title):
         lines.append("  by mask rate r (exactly round(rL) tokens masked): CE nats | accuracy | predictive entropy nats")
         for p in lik['curve']:
             lines.append(f"    r={p['mask_rate']:.3f}  {p['ce']:.4f}  {p['accuracy']:.3f}  {p['entropy']:.4f}")
+        lines.append(f"    area under the CE curve (midpoint rule, {len(lik['curve'])} rates): {lik['curve_area']:.4f} "
+                     "nats/token, a coarse third estimate of the NELBO")
     return lines
 
 
@@ -759,10 +759,12 @@ def summary_text(res):
         if s['mauve_features']:
             lines.append(f"  MAUVE features: {s['mauve_features']}")
         m, sd = s['mean'], s['sd']
-        cols = [('gen_ppl', 'gen PPL'), ('entropy', 'entropy'), ('distinct_1', 'distinct-1'), ('distinct_2', 'distinct-2')]
+        cols = [('gen_ppl', 'gen PPL'), ('entropy', 'entropy'), ('distinct_1', 'distinct-1'),
+                ('distinct_2', 'distinct-2')]
         lines.append('  ' + f"{'':10}" + ''.join(f"{h:>20}" for _, h in cols))
         for who in ('samples', 'data'):
-            cells = [f"{m[f'{who}_{k}']:.3f} ± {sd[f'{who}_{k}']:.3f}" if f'{who}_{k}' in m else 'n/a' for k, _ in cols]
+            cells = [f"{m[f'{who}_{k}']:.3f} ± {sd[f'{who}_{k}']:.3f}" if f'{who}_{k}' in m else 'n/a'
+                     for k, _ in cols]
             lines.append('  ' + f"{who:10}" + ''.join(f"{x:>20}" for x in cells))
         if 'mauve' in m:
             lines.append(f"  MAUVE (samples vs length-matched {res['likelihood']['split']} text): "
@@ -777,7 +779,8 @@ def summary_text(res):
             parts.append(f"masked reconstruction accuracy {sb['accuracy']:.4f} (mean over t)")
             parts.append("predictive entropy per t " + ' '.join(f"{e:.2f}" for e in sb['entropy_per_t']))
         if 'change_rate' in sb:
-            parts.append(f"reverse-step token change rate {sb['change_rate']:.4f} (revisions {sb['revision_rate']:.4f})")
+            parts.append(f"reverse-step token change rate {sb['change_rate']:.4f} "
+                         f"(revisions {sb['revision_rate']:.4f})")
         if 'distinct_2' in sb:
             parts.append(f"distinct-2 {sb['distinct_2']:.4f}")
         lines.append("seed validation block: " + '; '.join(parts))
@@ -851,7 +854,8 @@ def row_of(res):
     return {'run': os.path.basename(res['run'].rstrip('/')), 'path': res['run'], 'objective': res['objective'],
             'schedule': res.get('schedule') or '-', 'masking': res.get('masking') or '-', 'step': res['ckpt_step'],
             'params': res['params'], 'estimator': lik['headline'], 'nats': e['nats'], 'ci95': e['ci95'],
-            'bits': e['bits'], 'bits_unit': e['bits_unit'], 'ppl': e['ppl'], 'ppl_lo': e['ppl_lo'], 'ppl_hi': e['ppl_hi'],
+            'bits': e['bits'], 'bits_unit': e['bits_unit'], 'ppl': e['ppl'], 'ppl_lo': e['ppl_lo'],
+            'ppl_hi': e['ppl_hi'],
             'discrete_ppl': lik['discrete']['ppl'] if 'discrete' in lik else None,
             'wikitext2_ppl': wt[wt['headline']]['ppl'] if wt else None,
             'gen_ppl': m.get('samples_gen_ppl'), 'gen_ppl_sd': sd.get('samples_gen_ppl'),
@@ -927,8 +931,8 @@ def plots(rows, report, log=print):
     handles, labels = ax.get_legend_handles_labels()
     keep = {lab: h for h, lab in zip(handles, labels)}
     ax.legend(keep.values(), keep.keys(), fontsize=8, title='masking', title_fontsize=8)
-    ax.set_xticks(range(len(order)), [f"{r['schedule'] if r['objective'] != 'gpt' else 'GPT'}\n{r['masking']}\n{r['run']}"
-                                      for r in order], fontsize=7)
+    ax.set_xticks(range(len(order)), [f"{r['schedule'] if r['objective'] != 'gpt' else 'GPT'}\n{r['masking']}\n"
+                                      f"{r['run']}" for r in order], fontsize=7)
     lo = min(r['nats'] - r['ci95'] for r in order)
     hi = max(r['nats'] + r['ci95'] for r in order)
     ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-3)), hi + 0.15 * (hi - lo + 1e-3))

@@ -46,7 +46,8 @@ def main():
     if not os.path.exists(os.path.join(c['out_dir'], 'ckpt.pt')):
         print(f"training the default diffusion model for {c['train_iters']} steps in {c['out_dir']} ...", flush=True)
         extra = [f"--data_dir={os.path.abspath(c['data_dir'])}"] if c['data_dir'] else []
-        r = subprocess.run([sys.executable, os.path.join(REPO, 'diffusion.py'), f"--out_dir={os.path.abspath(c['out_dir'])}",
+        r = subprocess.run([sys.executable, os.path.join(REPO, 'diffusion.py'),
+                            f"--out_dir={os.path.abspath(c['out_dir'])}",
                             f"--max_iters={c['train_iters']}", '--device=cpu', '--sample_at_end=false',
                             f"--eval_interval={c['train_iters']}", *extra], cwd=REPO)
         if r.returncode != 0:
