@@ -19,6 +19,7 @@ positions count in the loss.
 import ast
 import contextlib
 import difflib
+import gc
 import hashlib
 import json
 import math
@@ -937,6 +938,15 @@ def _resume_config(cfg, ckpt, objective_name, path):
     return merged
 
 
+def shutdown_ddp(dist):
+    """Leave DDP cleanly: wait for every rank, collect the DDP wrapper the caller has just
+    dropped (its reducer holds gloo/NCCL work objects, and a gloo worker thread destroying one
+    during interpreter shutdown aborts the process), then destroy the group."""
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def train(cfg, objective_cls):
     """Train with the settings in cfg (a Config from configure) and an objective class
     (DiffusionObjective here, GPTObjective in gpt.py). Exits with EXIT_RESUMABLE after a
@@ -1101,7 +1111,8 @@ def train(cfg, objective_cls):
                 print0(f"signal {stop['signal'] or 'on another rank'}: saved step {step} to {ckpt_path}; "
                        f"exiting {EXIT_RESUMABLE} (rerun with --init_from=resume to continue)")
                 if ddp:
-                    dist.destroy_process_group()
+                    model = None  # release the DDP wrapper before its process group
+                    shutdown_ddp(dist)
                 sys.exit(EXIT_RESUMABLE)
             if step >= c.max_iters:
                 break
@@ -1152,7 +1163,8 @@ def train(cfg, objective_cls):
         print0('-' * 60)
         print0(f"more samples: python sample.py --out_dir={out_dir}")
     if ddp:
-        dist.destroy_process_group()
+        model = None  # release the DDP wrapper before its process group
+        shutdown_ddp(dist)
     return raw_model
 
 

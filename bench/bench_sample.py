@@ -145,7 +145,7 @@ def main():
     gpt_s = min(r['seconds'] for r in gpt_rows)
     gpt_ppl = gpt_rows[0]['gen_ppl']
     print()
-    print(f"| sampler | steps | NFE | s/sample | tokens/s | x GPT time | gen PPL | x GPT PPL | entropy |")
+    print("| sampler | steps | NFE | s/sample | tokens/s | x GPT time | gen PPL | x GPT PPL | entropy |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows[:-1]:
         r['time_ratio'], r['ppl_ratio'] = r['seconds'] / gpt_s, r['gen_ppl'] / gpt_ppl
