@@ -225,9 +225,10 @@ def main():
          f'--ref={ref}', *eval_args.split()])
     summarise(gpt_dirs + list(diff_dirs.values()), results_dir)
     total = time.time() - t_start
-    with open(os.path.join(results_dir, 'study_time.json'), 'w') as f:
-        json.dump({'train_seconds': round(t_train), 'total_seconds': round(total), 'runs': len(all_dirs),
-                   'jobs': jobs, 'threads': threads}, f)
+    if train:  # the time of a whole study (an evaluation-only rerun would overwrite it with its own)
+        with open(os.path.join(results_dir, 'study_time.json'), 'w') as f:
+            json.dump({'train_seconds': round(t_train), 'total_seconds': round(total), 'runs': len(all_dirs),
+                       'jobs': jobs, 'threads': threads}, f)
     print(f"study done in {total / 60:.1f} min (training {t_train / 60:.1f} min); see {results_dir}/")
 
 
