@@ -67,7 +67,7 @@ loss_weighting = 'nelbo'        # 'nelbo' (-alpha'/(1-alpha), the proper bound) 
 t_min = 1e-3                    # smallest t drawn: keeps the NELBO weight finite near t=0
 # optimizer: AdamW, linear warmup then cosine decay
 learning_rate = 1e-3            # peak learning rate
-max_iters = 1000                # optimizer steps in total (the default trains in ~7 min on 2 CPU cores)
+max_iters = 1000                # optimizer steps in total (the default trains in ~6 min on 2 CPU cores)
 warmup_iters = 100              # steps of linear warmup
 lr_decay_iters = None           # step where the cosine reaches min_lr; None = max_iters
 min_lr = None                   # final learning rate; None = learning_rate / 10
