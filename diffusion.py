@@ -549,11 +549,11 @@ class Schedule:
 # forward process, loss and deterministic randomness
 
 
-def rng(*key, device='cpu'):
+def rng(*key):
     """A torch.Generator seeded by a hash of key: randomness that is a pure function of
     (seed, purpose, step, micro-batch), so resume and DDP need no generator state."""
     h = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(h, 'little') >> 1)
+    return torch.Generator().manual_seed(int.from_bytes(h, 'little') >> 1)
 
 
 def stratified_times(u0, start, count, total, t_min):
@@ -640,6 +640,7 @@ class DiffusionObjective:
         self.schedule = Schedule(c.schedule)
         self.uniform = Schedule('linear')
         self.ent_weight = None
+        self.own_is_uniform = c.schedule == 'linear' and c.masking == 'uniform' and c.loss_weighting == 'nelbo'
         if c.masking == 'entropy':
             path = c.entropy_file or os.path.join(c.data_dir, c.dataset, 'entropy.npy')
             self.ent_weight = entropy_weights(load_entropy(path, n_tokens), vocab_size)
@@ -667,14 +668,16 @@ class DiffusionObjective:
             t = stratified_times(u0, 0, B, B, self.c.t_min)
             own.append(diffusion_loss(model, x, t, self.schedule, self.mask_id, rng(self.c.seed, 'val-mask', i),
                                       self.ent_weight, self.c.loss_weighting, self.c.t_min)[0])
-            fair.append(diffusion_loss(model, x, t, self.uniform, self.mask_id, rng(self.c.seed, 'val-mask', i),
-                                       None, 'nelbo', self.c.t_min)[0])
+            if not self.own_is_uniform:  # else the same draws would give the same number again
+                fair.append(diffusion_loss(model, x, t, self.uniform, self.mask_id, rng(self.c.seed, 'val-mask', i),
+                                           None, 'nelbo', self.c.t_min)[0])
+        fair = fair or own
         return {'val_loss': torch.stack(own).mean().item(), 'val_nelbo': torch.stack(fair).mean().item()}
 
-    def sample(self, model, tokenizer, device):
+    def sample(self, model, tokenizer):
         """difference 5: generation by iterative unmasking (the samplers live in sample.py)."""
         import sample
-        return sample.sample_text(model, tokenizer, 'diffusion', device=device, schedule=self.c.schedule)
+        return sample.sample_text(model, tokenizer, 'diffusion', schedule=self.c.schedule)
 
 # -----------------------------------------------------------------------------
 # data: meta.json + uint16 token files (one or many shards per split) written by prepare.py
@@ -1159,7 +1162,7 @@ def train(cfg, objective_cls):
 
     if master and c.sample_at_end:
         print0('-' * 60)
-        print0(objective.sample(raw_model.eval(), tokenizer, dev))
+        print0(objective.sample(raw_model.eval(), tokenizer))
         print0('-' * 60)
         print0(f"more samples: python sample.py --out_dir={out_dir}")
     if ddp:

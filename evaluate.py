@@ -87,7 +87,7 @@ dtype = 'auto'                  # 'auto' (bfloat16 autocast on CUDA, float32 els
 seed = 1337                     # every random draw of the evaluation is keyed by this
 # sample.py's sampler options (threshold, remask_score, remdm_mode, remdm_eta, stride): same names,
 # defaults and meaning as there (the schedule comes from the checkpoint)
-SAMPLER_OPTIONS = [k for k in getattr(sample, 'SAMPLER_OPTIONS', ()) if k != 'schedule' and hasattr(sample, k)]
+SAMPLER_OPTIONS = [k for k in sample.SAMPLER_OPTIONS if k != 'schedule']
 globals().update({k: getattr(sample, k) for k in SAMPLER_OPTIONS})
 # -----------------------------------------------------------------------------
 

@@ -46,9 +46,9 @@ class GPTObjective:
         losses = [self.loss(model, window, 0, 0) for window in batches]
         return {'val_loss': torch.stack(losses).mean().item()}
 
-    def sample(self, model, tokenizer, device):
+    def sample(self, model, tokenizer):
         import sample
-        return sample.sample_text(model, tokenizer, 'gpt', device=device)
+        return sample.sample_text(model, tokenizer, 'gpt')
 
 
 @torch.no_grad()

@@ -448,7 +448,7 @@ def generate_tokens(model, objective, prompt, max_new_tokens, **kw):
                'tokens_per_s': n_new / max(dt, 1e-9)}
 
 
-def sample_text(model, tokenizer, objective, device='cpu', n=None, seed=1337, schedule=None):
+def sample_text(model, tokenizer, objective, n=None, seed=1337, schedule=None):
     """One sample of n tokens (default block_size) as text: used at the end of training."""
     n = n or model.cfg.block_size
     prompt = [] if objective == 'diffusion' else [tokenizer.eot_id or 0]
