@@ -775,11 +775,10 @@ class TokenData:
         shard = torch.multinomial(counts, batch_size, replacement=True, generator=gen) if len(counts) > 1 \
             else torch.zeros(batch_size, dtype=torch.long)
         offs = (torch.rand(batch_size, generator=gen, dtype=torch.float64) * counts[shard]).long()
-        rows = []
-        for s, o in zip(shard.tolist(), offs.tolist()):
-            data = np.memmap(self.paths[s], dtype=self.dtype, mode='r')  # reopened: no page-cache leak
-            rows.append(torch.from_numpy(data[o:o + length].astype(np.int64)))
-        return torch.stack(rows)
+        # memmaps are opened per batch, not kept (nanoGPT: a long-lived memmap grows resident memory)
+        maps = {s: np.memmap(self.paths[s], dtype=self.dtype, mode='r') for s in set(shard.tolist())}
+        return torch.stack([torch.from_numpy(maps[s][o:o + length].astype(np.int64))
+                            for s, o in zip(shard.tolist(), offs.tolist())])
 
 # -----------------------------------------------------------------------------
 # checkpoints: atomic writes, weights_only loads, one-line errors
