@@ -5,10 +5,13 @@ diffusion.py: a masked (absorbing-state) discrete diffusion language model in on
     python diffusion.py                       # train the default small model on CPU
     python diffusion.py --schedule=cosine     # any setting below is a --key=value
     python diffusion.py config/char_10m.py    # or a config file of `name = value` lines
+    python diffusion.py --help                # every setting, its default, range and meaning
 
-Top to bottom: settings, the settings parser (configure), the model (shared with gpt.py),
-the six noise schedules, the forward process and NELBO loss, data, checkpoints, and one
-flat training loop (train) that gpt.py reuses with its own objective.
+Top to bottom: settings, the settings parser (configure), the model (shared with gpt.py), the
+noise schedules, masking rules and loss weightings (one registry each), the objective, data,
+checkpoints, and one flat training loop (train) that gpt.py reuses with its own objective.
+Copy this file to change any of them: a checkpoint records the script that made it, and
+sample.py, evaluate.py and visualize.py rebuild the model and objective from that script.
 
 Forward process (D3PM, Austin et al. 2021; MDLM, Sahoo et al. 2024): each token survives
 with probability alpha(t), else becomes MASK. The model is trained with the continuous-time
@@ -19,8 +22,11 @@ positions count in the loss.
 import ast
 import contextlib
 import difflib
+import errno
+import fcntl
 import gc
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -37,7 +43,8 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # settings: every lowercase global of type bool/int/float/str/None in this block is a
-# setting that `--key=value` (or a config file) overrides. gpt.py takes the same ones.
+# setting that `--key=value` (or a config file) overrides; RULES below gives each its range.
+# gpt.py takes the same ones except the diffusion block.
 # I/O
 out_dir = ''                    # run folder; '' = out/diffusion-<dataset>-<schedule>-<masking>
 init_from = 'scratch'           # 'scratch' (refuses to overwrite a run) | 'resume' | 'auto' (resume if out_dir has ckpt.pt)
@@ -45,6 +52,10 @@ eval_interval = 200             # steps between validation + checkpoint
 eval_iters = 20                 # validation batches per evaluation
 log_interval = 10               # steps between log lines
 sample_at_end = True            # print a sample when training finishes
+diverge_ratio = 3.0             # stop as diverged when val loss exceeds this multiple of the best so far (0 = off)
+wandb_log = False               # also log to Weights & Biases (pip install wandb)
+wandb_project = 'diffusion-lm'  # W&B project
+wandb_run_name = ''             # W&B run name; '' = the out_dir's name
 # data
 dataset = 'shakespeare_char'    # folder under data_dir written by prepare.py
 data_dir = 'data'               # where prepare.py writes datasets
@@ -55,15 +66,15 @@ gradient_accumulation_steps = 1 # micro-steps per optimizer step, summed over al
 n_layer = 4                     # transformer blocks
 n_head = 4                      # attention heads
 n_embd = 192                    # width
-mlp = 'relu2'                   # 'relu2' (ReLU squared) | 'swiglu'
+mlp = 'relu2'                   # MLP kind: one of MLPS below
 tie_weights = False             # share token embedding and output head
 dropout = 0.0                   # dropout probability (0 for pretraining)
 time_cond = False               # condition on the mask rate (diffusion only; MDLM finds it unnecessary)
 # diffusion (gpt.py has none of these)
 schedule = 'linear'             # noise schedule alpha(t): one of SCHEDULES below
-masking = 'uniform'             # 'uniform' | 'entropy' (per-token rate scaled by clamp(2 - ent_norm, 0.5, 1.5))
+masking = 'uniform'             # which tokens get masked: one of MASKINGS below
 entropy_file = ''               # .npy of per-token-id normalised entropy; '' = <data_dir>/<dataset>/entropy.npy
-loss_weighting = 'nelbo'        # 'nelbo' (-alpha'/(1-alpha), the proper bound) | 'masked_mean' (plain mean over masked tokens)
+loss_weighting = 'nelbo'        # per-token loss weight: one of LOSS_WEIGHTINGS below
 t_min = 1e-3                    # smallest t drawn: keeps the NELBO weight finite near t=0
 # optimizer: AdamW, linear warmup then cosine decay
 learning_rate = 1e-3            # peak learning rate
@@ -83,10 +94,10 @@ backend = 'auto'                # DDP backend: 'auto' (nccl on CUDA, gloo on CPU
 seed = 1337                     # base seed; DDP rank r uses seed + r for its own randomness
 # -----------------------------------------------------------------------------
 
-EXIT_RESUMABLE = 75   # exit code after a signal-triggered save (EX_TEMPFAIL): "run me again"
 EXIT_USAGE = 2        # bad settings
+EXIT_DIVERGED = 3     # the loss went non-finite or exploded; the last good checkpoint is kept
+EXIT_RESUMABLE = 75   # exit code after a signal-triggered save (EX_TEMPFAIL): "run me again"
 DIFFUSION_ONLY = ('schedule', 'masking', 'entropy_file', 'loss_weighting', 't_min', 'time_cond')
-MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'mlp', 'tie_weights', 'dropout', 'time_cond')
 
 
 class UserError(Exception):
@@ -97,12 +108,19 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run a script's main(); a UserError becomes one line on stderr and its exit code."""
+    """Run a script's main(); a UserError becomes one line on stderr (rank 0 only under torchrun)
+    and its exit code. Matched by class name, so a copied script's UserError counts too."""
     try:
         main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.code)
+    except Exception as e:
+        if not any(k.__name__ == 'UserError' for k in type(e).__mro__):
+            raise
+        if is_master():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(getattr(e, 'code', 1))
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 def is_master():
@@ -119,157 +137,180 @@ def print0(*args, **kwargs):
 
 
 class Config(dict):
-    """The resolved settings; .explicit holds the keys set on the command line or in a file."""
+    """Resolved settings with attribute access (c.batch_size); .explicit: the keys the user set."""
     explicit = frozenset()
 
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
 
-def settings_of(g, exclude=()):
+    def __setattr__(self, key, value):
+        if key == 'explicit':
+            object.__setattr__(self, key, frozenset(value))
+        else:
+            self[key] = value
+
+
+def settings_of(g):
     """The settings in a module's globals: lowercase names bound to bool/int/float/str/None."""
-    return {k: v for k, v in g.items()
-            if k.islower() and not k.startswith('_') and k not in exclude
+    return {k: v for k, v in g.items() if k.islower() and not k.startswith('_')
             and (v is None or type(v) in (bool, int, float, str))}
 
 
 def shared_settings():
     """diffusion.py's settings minus the diffusion-only ones: gpt.py starts from these."""
-    return settings_of(globals(), exclude=DIFFUSION_ONLY)
+    return {k: v for k, v in settings_of(globals()).items() if k not in DIFFUSION_ONLY}
 
 
-def _closest(key, keys):
-    def score(k):
-        initials = ''.join(w[0] for w in k.split('_') if w)
-        return max(difflib.SequenceMatcher(None, key, k).ratio(),
-                   1.0 if key == initials else 0.0, 0.9 if k.startswith(key) else 0.0)
-    return max(sorted(keys), key=score)
+# Rules: (test, what it must be). configure checks each explicit value against its rule.
+def one_of(options):
+    return lambda v: v in options, 'one of ' + ', '.join(map(str, options))
 
 
-def _coerce(key, value, default, from_text):
-    """Convert value (text from the command line, or a literal from a file) to default's type."""
-    kind = type(default)
-    bad = UserError(f"--{key}={value!r}: expected {kind.__name__ if default is not None else 'a literal'}"
-                    f" like the default {default!r}", EXIT_USAGE)
-    if default is None:
-        if not from_text:
-            return value
-        try:
-            return ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            return value  # plain text
+def at_least(lo, optional=False):
+    return lambda v: (optional and v is None) or (v is not None and v >= lo), f">= {lo}" + (" or None" if optional else "")
+
+
+def in_range(lo, hi, hi_open=False):
+    return (lambda v: lo <= v < hi if hi_open else lo <= v <= hi), f"in [{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _parse(text, default):
+    """Text from the command line -> a value of default's type (a None default takes any literal)."""
     if isinstance(default, bool):
-        if not from_text:
-            if isinstance(value, bool):
-                return value
-            raise bad
-        low = value.strip().lower()
-        if low in ('true', '1', 'yes', 'on'):
+        if text.lower() in ('true', '1', 'yes', 'on'):
             return True
-        if low in ('false', '0', 'no', 'off'):
+        if text.lower() in ('false', '0', 'no', 'off'):
             return False
-        raise bad
+        raise ValueError
     if isinstance(default, int):
-        if not from_text:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise bad
-        try:
-            return int(value)
-        except ValueError:
-            pass
-        try:
-            f = float(value)  # accept 1e9 for an integer setting
-        except ValueError:
-            raise bad from None
-        if f.is_integer():
-            return int(f)
-        raise bad
+        v = float(text)                   # 1e9 is fine for an integer setting, 2.5 is not
+        if not v.is_integer():
+            raise ValueError
+        return int(v)
     if isinstance(default, float):
-        if not from_text:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            raise bad
-        try:
-            return float(value)
-        except ValueError:
-            raise bad from None
-    if not from_text and not isinstance(value, str):
-        raise bad
-    return value
+        return float(text)
+    if default is None:
+        with contextlib.suppress(ValueError, SyntaxError):
+            return ast.literal_eval(text)
+    return text
+
+
+def _fits(value, default):
+    """A literal from a config file has default's type (an int is fine for a float)."""
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default)) or (isinstance(default, int) and isinstance(value, float)
+                                               and value.is_integer())
 
 
 def read_config_file(path):
     """A config file holds `name = literal` lines only; it is parsed, never executed."""
     try:
         with open(path) as f:
-            src = f.read()
+            tree = ast.parse(f.read(), path)
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}", EXIT_USAGE) from None
-    try:
-        tree = ast.parse(src, path)
     except SyntaxError as e:
         raise UserError(f"{path}:{e.lineno}: syntax error in config file", EXIT_USAGE) from None
     out = {}
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name)):
-            raise UserError(f"{path}:{node.lineno}: a config file may only hold `name = value` lines",
-                            EXIT_USAGE)
-        name = node.targets[0].id
         try:
-            out[name] = ast.literal_eval(node.value)
-        except ValueError:
-            raise UserError(f"{path}:{node.lineno}: the value of {name} must be a literal "
-                            "(number, string, bool or None)", EXIT_USAGE) from None
+            assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+        except (AssertionError, ValueError):
+            raise UserError(f"{path}:{node.lineno}: a config file may only hold `name = value` lines (values are literals)",
+                            EXIT_USAGE) from None
     return out
 
 
-def configure(g, argv=None, choices=None, exclude=(), verbose=True):
-    """Override the settings in g (a script's globals()) from a config file and --key=value args.
+def _closest(key, keys):
+    def score(k):
+        initials = ''.join(w[0] for w in k.split('_') if w)
+        return max(difflib.SequenceMatcher(None, key, k).ratio(), 1.0 if key == initials else 0.0,
+                   0.9 if k.startswith(key) else 0.0)
+    return max(sorted(keys), key=score)
 
-    Values are type-checked against the defaults (an int is accepted for a float; bools take
-    true/false/1/0/yes/no; a None default takes any Python literal, else the text); a value
-    may contain '='. Unknown keys and bad values raise UserError (exit status 2) naming the
-    closest valid key. Updates g in place and returns the resolved Config."""
+
+def setting_comments(path):
+    """{name: the comment after `name = ...` at the top level of a script}: the --help texts."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in open(path):
+            name, eq, rest = line.partition('=')
+            if eq and name.strip().isidentifier() and not line[0].isspace() and '#' in rest:
+                out.setdefault(name.strip(), rest.split('#', 1)[1].strip())
+    return out
+
+
+def print_help(keys, rules, sources):
+    doc = {}
+    for path in sources:
+        doc.update(setting_comments(path))
+    print(f"usage: python {os.path.basename(sys.argv[0])} [config.py ...] [--key=value ...]\n\nsettings "
+          "(defaults; a config file holds `name = value` lines):")
+    for k, v in keys.items():
+        rule = f" [{rules[k][1]}]" if k in rules else ''
+        print(f"  --{k}={v!r}{rule}\n      {doc.get(k, '')}")
+
+
+def configure(g, argv=None, rules=None, sources=None, verbose=True):
+    """Override the settings in g (a script's globals(), or a dict of defaults) from config files
+    and --key=value args, type-checked against the defaults and checked against rules
+    ({name: (test, text)}). Unknown keys and bad values raise UserError naming the closest key;
+    --help / -h prints every setting with its default, rule and comment (from sources, the files
+    defining them) and exits 0. Updates g in place and returns the resolved Config."""
     argv = sys.argv[1:] if argv is None else argv
-    keys = settings_of(g, exclude)
-    choices = choices or {}
-    explicit = set()
-
-    def apply(key, value, from_text, where):
-        if key not in keys:
-            raise UserError(f"unknown setting {where}{key}; the closest valid one is "
-                            f"--{_closest(key, keys)}", EXIT_USAGE)
-        v = _coerce(key, value, keys[key], from_text)
-        if key in choices and v not in choices[key]:
-            raise UserError(f"--{key}={v!r}: must be one of {', '.join(map(str, choices[key]))}",
-                            EXIT_USAGE)
-        g[key] = v
-        explicit.add(key)
-
+    keys, rules = settings_of(g), rules or {}
+    if '--help' in argv or '-h' in argv:
+        print_help(keys, rules, sources or [g.get('__file__', '')])
+        sys.exit(0)
+    explicit = []
     for arg in argv:
-        if arg.startswith('--'):
-            key, eq, value = arg[2:].partition('=')
-            if not eq:
-                if key in keys and isinstance(keys[key], bool):
-                    value = 'true'  # --compile means --compile=true
-                else:
-                    raise UserError(f"{arg}: expected --key=value", EXIT_USAGE)
-            apply(key.replace('-', '_'), value, True, '--')
-        elif arg.endswith('.py'):
-            for key, value in read_config_file(arg).items():
-                apply(key, value, False, f'{arg}: ')
+        if arg.endswith('.py') and not arg.startswith('--'):
+            items = [(k, v, f'{arg}: ') for k, v in read_config_file(arg).items()]
+        elif arg.startswith('--'):
+            key, eq, text = arg[2:].partition('=')
+            items = [(key.replace('-', '_'), text if eq else None, '--')]
         else:
-            raise UserError(f"unexpected argument {arg!r}: use --key=value or a config file path",
-                            EXIT_USAGE)
-    cfg = Config(settings_of(g, exclude))
-    cfg.explicit = frozenset(explicit)
+            raise UserError(f"unexpected argument {arg!r}: use --key=value or a config file (--help lists "
+                            "the settings)", EXIT_USAGE)
+        for key, value, where in items:
+            if key not in keys:
+                raise UserError(f"unknown setting {where}{key}; the closest valid one is --{_closest(key, keys)} "
+                                "(--help lists them)", EXIT_USAGE)
+            default, from_text = keys[key], where == '--'
+            if from_text and value is None:  # --compile means --compile=true
+                if not isinstance(default, bool):
+                    raise UserError(f"{arg}: expected --{key}=value", EXIT_USAGE)
+                value = 'true'
+            try:
+                if not from_text and not _fits(value, default):
+                    raise ValueError
+                v = _parse(value, default) if from_text else value
+            except (ValueError, OverflowError):
+                kind = type(default).__name__ if default is not None else 'a literal'
+                raise UserError(f"--{key}={value!r}: expected {kind} like the default {default!r}",
+                                EXIT_USAGE) from None
+            g[key] = float(v) if isinstance(default, float) else int(v) if type(default) is int else v
+            explicit.append(key)
+    cfg = Config(settings_of(g))
+    for key in explicit:
+        test, text = rules.get(key, (None, None))
+        if test is not None and not test(cfg[key]):
+            raise UserError(f"--{key}={cfg[key]!r}: must be {text}", EXIT_USAGE)
+    cfg.explicit = explicit
     if verbose:
         print0('config: ' + ' '.join(f'{k}={v!r}' for k, v in cfg.items()))
     return cfg
-
 # -----------------------------------------------------------------------------
 # the model: one transformer for both objectives; only ModelConfig.causal differs
 
@@ -370,6 +411,9 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+MLPS = ('relu2', 'swiglu')   # the kinds MLP knows
+
+
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -381,7 +425,7 @@ class MLP(nn.Module):
             hidden = 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
             self.fc = nn.Linear(cfg.n_embd, 2 * hidden, bias=False)
         else:
-            raise ValueError(f"unknown mlp {cfg.mlp!r}: use 'relu2' or 'swiglu'")
+            raise ValueError(f"unknown mlp {cfg.mlp!r}: use one of {', '.join(MLPS)}")
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=False)
 
     def forward(self, x):
@@ -501,7 +545,9 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 # -----------------------------------------------------------------------------
-# noise schedules: alpha(t) is the probability that a token is still clean at time t
+# the diffusion: noise schedules, masking rules and loss weightings, one registry each.
+# To add one, write its function and add its name to the registry: the settings' allowed
+# values (RULES), study.py and slurm_train.sh read the registries.
 
 
 def _cos(t):
@@ -529,21 +575,70 @@ SCHEDULES = {  # name: (alpha(t), alpha'(t)), float64 tensors with t in [0, 1]
 
 
 class Schedule:
+    """alpha(t), alpha'(t) and the NELBO weight of one entry of SCHEDULES."""
     def __init__(self, name):
         if name not in SCHEDULES:
             raise UserError(f"unknown schedule {name!r}: use one of {', '.join(SCHEDULES)}", EXIT_USAGE)
         self.name = name
-        self._alpha, self._dalpha = SCHEDULES[name]
-
-    def alpha(self, t):
-        return self._alpha(t)
-
-    def dalpha(self, t):
-        return self._dalpha(t)
+        self.alpha, self.dalpha = SCHEDULES[name]
 
     def weight(self, t):
         """The continuous-time NELBO weight -alpha'(t) / (1 - alpha(t)) (MDLM eq. 10)."""
-        return -self._dalpha(t) / (1 - self._alpha(t))
+        return -self.dalpha(t) / (1 - self.alpha(t))
+
+
+def mask_uniform(x, alpha, objective):
+    """Every token is masked with probability 1 - alpha. x: (B, T); alpha: (B,) -> (B, T) float64."""
+    return (1 - alpha)[:, None].expand(x.shape)
+
+
+def mask_entropy(x, alpha, objective):
+    """Easy tokens (low entropy under a reference LM) are masked more: the rate 1 - alpha is scaled
+    per token by clamp(2 - ent_norm, 0.5, 1.5), capped at 1 (prepare.py --entropy makes ent_norm)."""
+    return ((1 - alpha)[:, None] * objective.entropy_weight(x.device)[x]).clamp(max=1.0)
+
+
+MASKINGS = {'uniform': mask_uniform, 'entropy': mask_entropy}  # name: (x, alpha, objective) -> mask probs
+
+
+def weight_nelbo(ce_sum, n_masked, t, schedule, t_min, T):
+    """(1 - t_min) * w(t) * masked CE / T per sequence: the Monte Carlo NELBO estimate in nats per
+    token over t in [t_min, 1] (MDLM eq. 10). Returns (loss, per-sequence values)."""
+    per_seq = ((1 - t_min) * schedule.weight(t)).float().to(ce_sum.device) * ce_sum / T
+    return per_seq.mean(), per_seq
+
+
+def weight_masked_mean(ce_sum, n_masked, t, schedule, t_min, T):
+    """The plain mean cross-entropy over masked tokens (the reference code's; not a bound)."""
+    return ce_sum.sum() / n_masked.sum().clamp(min=1), ce_sum / n_masked.clamp(min=1)
+
+
+LOSS_WEIGHTINGS = {'nelbo': weight_nelbo, 'masked_mean': weight_masked_mean}
+
+
+def entropy_weights(ent_norm, vocab_size):
+    """Per-token-id mask multipliers clamp(2 - ent_norm, 0.5, 1.5); 1 for MASK and padding."""
+    w = torch.ones(vocab_size, dtype=torch.float64)
+    w[:len(ent_norm)] = (2 - torch.as_tensor(ent_norm, dtype=torch.float64)).clamp(0.5, 1.5)
+    return w
+
+
+def load_entropy(path, n_tokens):
+    """Read an entropy .npy (one value per token id of the dataset, mean 1); clear errors."""
+    if not os.path.exists(path):
+        raise UserError(f"no entropy file at {path}; make one with: python prepare.py --entropy "
+                        f"--ref=OUT_DIR_OF_A_GPT_RUN (or pass --entropy_file=PATH)")
+    try:
+        arr = np.load(path, allow_pickle=False)
+        ok = arr.ndim == 1 and np.issubdtype(arr.dtype, np.number)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read entropy file {path}: {str(e)[:100]}") from None
+    if not ok or len(arr) != n_tokens:
+        raise UserError(f"entropy file {path} holds {arr.dtype} of shape {arr.shape}; expected ({n_tokens},) "
+                        "numbers, one per token id of the dataset's vocabulary")
+    if not np.all(np.isfinite(arr)):
+        raise UserError(f"entropy file {path} holds non-finite values")
+    return arr
 
 # -----------------------------------------------------------------------------
 # forward process, loss and deterministic randomness
@@ -564,69 +659,29 @@ def stratified_times(u0, start, count, total, t_min):
     return t_min + (1 - t_min) * u
 
 
-def entropy_weights(ent_norm, vocab_size):
-    """Per-token-id mask multipliers clamp(2 - ent_norm, 0.5, 1.5); 1 for MASK and padding."""
-    w = torch.ones(vocab_size, dtype=torch.float64)
-    w[:len(ent_norm)] = (2 - torch.as_tensor(ent_norm, dtype=torch.float64)).clamp(0.5, 1.5)
-    return w
-
-
-def load_entropy(path, n_tokens):
-    """Read an entropy .npy (one value per token id of the dataset, mean 1); clear errors."""
-    if not os.path.exists(path):
-        raise UserError(f"no entropy file at {path}; make one with: python prepare.py --entropy "
-                        f"--ref=OUT_DIR_OF_A_GPT_RUN (or pass --entropy_file=PATH)")
-    try:
-        arr = np.load(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read entropy file {path}: {e}") from None
-    if arr.ndim != 1 or len(arr) != n_tokens:
-        raise UserError(f"entropy file {path} has shape {arr.shape}; expected ({n_tokens},), "
-                        "one value per token id of the dataset's vocabulary")
-    if not np.all(np.isfinite(arr)):
-        raise UserError(f"entropy file {path} holds non-finite values")
-    return arr
-
-
-def mask_probs(x, alpha, ent_weight=None):
-    """Per-token mask probability: (1 - alpha) for uniform masking, times the token's entropy
-    weight (clamped to 1) for entropy masking. x: (B, T); alpha: (B,) -> (B, T) float64."""
-    p = (1 - alpha.to(torch.float64))[:, None].expand(x.shape)
-    if ent_weight is not None:
-        p = (p * ent_weight[x.cpu()]).clamp(max=1.0)
-    return p
-
-
-def draw_mask(x, alpha, gen, ent_weight=None):
-    """q(z_t | x): which positions of x (B, T) are MASK at survival probability alpha (B,)."""
-    p = mask_probs(x, alpha, ent_weight)
-    return (torch.rand(x.shape, generator=gen, dtype=torch.float64) < p).to(x.device)
+def draw_mask(x, p, gen):
+    """q(z_t | x): which positions of x (B, T) are MASK, each with probability p (B, T)."""
+    return torch.rand(x.shape, generator=gen, dtype=torch.float64) < p.cpu()
 
 
 def masked_ce(model, x, mask, mask_id, mask_rate=None):
     """Replace x at mask with MASK, run the model, and return each sequence's summed
     cross-entropy over its masked positions: (B,) float32. Unmasked positions never count."""
+    mask = mask.to(x.device)
     z = torch.where(mask, mask_id, x)                           # (B, T)
     logits = model(z, mask_rate=mask_rate, select=mask)         # (M, V)
     ce = F.cross_entropy(logits.float(), x[mask], reduction='none')  # (M,) in fp32
     return torch.zeros(x.shape, device=x.device).masked_scatter(mask, ce).sum(1)
 
 
-def diffusion_loss(model, x, t, schedule, mask_id, gen, ent_weight=None, weighting='nelbo', t_min=0.0):
-    """The training loss on clean tokens x (B, T) at times t (B,) float64 on the CPU.
-
-    weighting='nelbo': per sequence, (1 - t_min) * w(t) * sum of masked CE / T, the Monte Carlo
-    estimate of the NELBO in nats per token over t in [t_min, 1]. Returns (loss, per_seq).
-    weighting='masked_mean': the plain mean CE over masked tokens (the reference code's)."""
+def diffusion_loss(model, x, t, schedule, mask_id, gen, t_min=0.0, masking='uniform', weighting='nelbo',
+                   objective=None):
+    """The training loss on clean tokens x (B, T) at times t (B,) float64 on the CPU, with a
+    masking rule and a loss weighting named in MASKINGS and LOSS_WEIGHTINGS. Returns (loss, per_seq)."""
     alpha = schedule.alpha(t)
-    mask = draw_mask(x, alpha, gen, ent_weight)
+    mask = draw_mask(x, MASKINGS[masking](x, alpha.to(x.device), objective), gen)
     ce_sum = masked_ce(model, x, mask, mask_id, (1 - alpha).float().to(x.device))
-    if weighting == 'masked_mean':
-        loss = ce_sum.sum() / mask.sum().clamp(min=1)
-        return loss, ce_sum / mask.sum(1).clamp(min=1)
-    w = ((1 - t_min) * schedule.weight(t)).float().to(x.device)
-    per_seq = w * ce_sum / x.size(1)
-    return per_seq.mean(), per_seq
+    return LOSS_WEIGHTINGS[weighting](ce_sum, mask.sum(1).to(x.device), t, schedule, t_min, x.size(1))
 
 
 class DiffusionObjective:
@@ -634,16 +689,25 @@ class DiffusionObjective:
     name = 'diffusion'
     causal = False          # difference 2: bidirectional attention
 
-    def __init__(self, c, n_tokens, vocab_size, micro_total):
-        self.c, self.micro_total = c, micro_total
-        self.mask_id = n_tokens                     # difference 1: the MASK token
+    def __init__(self, c, meta):
+        self.c, self.meta = c, meta
+        self.mask_id = meta['vocab_size']           # difference 1: the MASK token
         self.schedule = Schedule(c.schedule)
         self.uniform = Schedule('linear')
-        self.ent_weight = None
+        self._ent_weight = None
         self.own_is_uniform = c.schedule == 'linear' and c.masking == 'uniform' and c.loss_weighting == 'nelbo'
-        if c.masking == 'entropy':
-            path = c.entropy_file or os.path.join(c.data_dir, c.dataset, 'entropy.npy')
-            self.ent_weight = entropy_weights(load_entropy(path, n_tokens), vocab_size)
+
+    def entropy_weight(self, device):
+        """Per-token-id entropy multipliers (vocab,) on device, read once from the entropy file."""
+        if self._ent_weight is None:
+            path = self.c.entropy_file or os.path.join(self.c.data_dir, self.c.dataset, 'entropy.npy')
+            n = self.meta['vocab_size']
+            self._ent_weight = entropy_weights(load_entropy(path, n), padded_vocab(n))
+        return self._ent_weight.to(device)
+
+    def _loss(self, model, x, t, gen, own=True):
+        return diffusion_loss(model, x, t, self.schedule if own else self.uniform, self.mask_id, gen, self.c.t_min,
+                              self.c.masking if own else 'uniform', self.c.loss_weighting if own else 'nelbo', self)[0]
 
     def loss(self, model, window, step, micro):
         """difference 3 and 4: the NELBO over masked positions. window: (B, block_size + 1);
@@ -651,10 +715,8 @@ class DiffusionObjective:
         x = window[:, :-1]
         B = x.size(0)
         u0 = torch.rand((), generator=rng(self.c.seed, 't', step), dtype=torch.float64)
-        t = stratified_times(u0, micro * B, B, B * self.micro_total, self.c.t_min)
-        loss, _ = diffusion_loss(model, x, t, self.schedule, self.mask_id, rng(self.c.seed, 'mask', step, micro),
-                                 self.ent_weight, self.c.loss_weighting, self.c.t_min)
-        return loss
+        t = stratified_times(u0, micro * B, B, B * self.c.gradient_accumulation_steps, self.c.t_min)
+        return self._loss(model, x, t, rng(self.c.seed, 'mask', step, micro))
 
     @torch.no_grad()
     def evaluate(self, model, batches):
@@ -663,22 +725,105 @@ class DiffusionObjective:
         own, fair = [], []
         for i, window in enumerate(batches):
             x = window[:, :-1]
-            B = x.size(0)
             u0 = torch.rand((), generator=rng(self.c.seed, 'val-t', i), dtype=torch.float64)
-            t = stratified_times(u0, 0, B, B, self.c.t_min)
-            own.append(diffusion_loss(model, x, t, self.schedule, self.mask_id, rng(self.c.seed, 'val-mask', i),
-                                      self.ent_weight, self.c.loss_weighting, self.c.t_min)[0])
+            t = stratified_times(u0, 0, x.size(0), x.size(0), self.c.t_min)
+            own.append(self._loss(model, x, t, rng(self.c.seed, 'val-mask', i)))
             if not self.own_is_uniform:  # else the same draws would give the same number again
-                fair.append(diffusion_loss(model, x, t, self.uniform, self.mask_id, rng(self.c.seed, 'val-mask', i),
-                                           None, 'nelbo', self.c.t_min)[0])
+                fair.append(self._loss(model, x, t, rng(self.c.seed, 'val-mask', i), own=False))
         fair = fair or own
         return {'val_loss': torch.stack(own).mean().item(), 'val_nelbo': torch.stack(fair).mean().item()}
 
-    def sample(self, model, tokenizer):
-        """difference 5: generation by iterative unmasking (the samplers live in sample.py)."""
-        import sample
-        return sample.sample_text(model, tokenizer, 'diffusion', schedule=self.c.schedule)
+    def sample(self, model, tokenizer, n=None, seed=1337, steps=64):
+        """difference 5: generation by iterative unmasking; one sample of n tokens as text."""
+        n = n or model.cfg.block_size
+        dev = next(model.parameters()).device
+        x = torch.full((1, n), self.mask_id, device=dev)
+        for _, x, _ in generate(model, x, min(steps, n), [torch.Generator(dev).manual_seed(seed)], self.schedule):
+            pass
+        return tokenizer.decode(x[0].tolist())
 
+# -----------------------------------------------------------------------------
+# sampling building blocks (sample.py has five more samplers built from these)
+
+
+def sample_categorical(logits, gen, temperature=1.0, top_k=0, top_p=1.0):
+    """(M, V) logits -> (M,) ids. Gumbel-max in float64 (exact categorical sampling; float32
+    noise would lower the effective temperature, Zheng et al. 2024). temperature 0 = argmax.
+    gen: this sample's own generator, so the draw does not depend on the rest of the batch."""
+    if temperature == 0 or logits.size(0) == 0:
+        return logits.argmax(-1)
+    z = filter_logits(logits.double() / temperature, top_k, top_p)
+    u = torch.rand(z.shape, generator=gen, dtype=torch.float64, device=gen.device).to(z.device)
+    return (z - torch.log(-torch.log(u))).argmax(-1)            # u in [0, 1): u = 0 gives -inf
+
+
+def uniform(n, gen, device):
+    """n float64 uniforms from one sample's generator."""
+    return torch.rand(n, generator=gen, dtype=torch.float64, device=gen.device).to(device)
+
+
+def all_logits(model, x):
+    """Logits (B, T, V) float32 at every position of the window x (B, T). Time-conditioned
+    models get the fraction of masked positions, which depends on x only (so caching stays exact).
+    Every position's logits are computed (no select=): the matmul shapes then do not depend on how
+    many positions are masked, which keeps a batch bitwise equal to single runs on CPU."""
+    mask_rate = (x == model.cfg.mask_id).float().mean(1)
+    return model(x, mask_rate=mask_rate).float()
+
+
+def time_grid(steps):
+    """Times 1 = t_0 > t_1 > ... > t_steps = 0, uniform as in MDLM: float64 (steps + 1,)."""
+    return 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
+
+
+@torch.no_grad()
+def generate(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top_p=1.0, cache=True, **_):
+    """MDLM ancestral sampling of the MASK positions of x (B, W), t from 1 to 0 in `steps`
+    uniform steps of `schedule` (a Schedule: its alpha is the one used). From t to s < t each
+    masked token is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) (MDLM eq. 7
+    with SUBS: revealed tokens stay), its value drawn from the model by float64 Gumbel-max.
+    Deciding reveal first, then the token, is the same categorical over V + 1 outcomes as MDLM's
+    single draw. gens: one generator per row. cache=True reuses the last logits of a row whose
+    tokens did not change (the model is time-agnostic: MDLM sec. 4.2): identical output, fewer
+    passes. Yields (step, x, changed)."""
+    mask_id = model.cfg.mask_id
+    alphas = schedule.alpha(time_grid(steps)).tolist()                  # alpha(t_k), k = 0..steps
+    x = x.clone()
+    logits, stale = None, torch.ones(x.size(0), dtype=torch.bool)       # stale: rows needing a pass
+    step = 0
+
+    def refresh():
+        nonlocal logits
+        if not cache or logits is None:
+            logits = all_logits(model, x)
+        elif stale.any():
+            rows = stale.nonzero().squeeze(1).to(x.device)
+            logits[rows] = all_logits(model, x[rows])
+        stale.fill_(False)
+
+    for step in range(1, steps + 1):
+        masked = x == mask_id
+        if not masked.any():
+            break
+        a_t, a_s = alphas[step - 1], alphas[step]
+        p_reveal = min(max((a_s - a_t) / (1 - a_t), 0.0), 1.0) if a_t < 1 else 1.0
+        refresh()
+        new = x.clone()
+        for i, gen in enumerate(gens):
+            pos = masked[i].nonzero().squeeze(1)
+            if pos.numel() == 0:
+                continue
+            rev = pos[uniform(pos.numel(), gen, x.device) < p_reveal]
+            new[i, rev] = sample_categorical(logits[i, rev], gen, temperature, top_k, top_p)
+        changed = new != x
+        stale |= changed.any(1).cpu()
+        x = new
+        yield step, x, changed
+    masked = x == mask_id
+    if masked.any():  # alpha(0) < 1 (e.g. clipped_cosine) leaves masks at t = 0: fill them greedily
+        refresh()
+        x = torch.where(masked, logits.argmax(-1), x)
+        yield step + 1, x, masked
 # -----------------------------------------------------------------------------
 # data: meta.json + uint16 token files (one or many shards per split) written by prepare.py
 
@@ -740,12 +885,38 @@ def gpt2_encoding():
 
 
 def load_meta(data_dir, dataset):
+    """A dataset's meta.json, checked to be what prepare.py writes."""
     path = os.path.join(data_dir, dataset, 'meta.json')
+    again = f"; make it again with: python prepare.py --dataset={dataset}"
     if not os.path.exists(path):
         raise UserError(f"no data at {os.path.join(data_dir, dataset)}; make it with: "
                         f"python prepare.py --dataset={dataset}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({type(e).__name__}){again}") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get('vocab_size'), int) and meta['vocab_size'] > 0
+            and meta.get('tokenizer') in ('char', 'gpt2') and isinstance(meta.get('splits'), dict)):
+        raise UserError(f"{path} is not a dataset description written by prepare.py{again}")
+    return meta
+
+
+def data_identity(meta):
+    """What must not change under a run: tokenizer, vocabulary and the token files' fingerprint."""
+    return {k: meta.get(k) for k in ('tokenizer', 'vocab_size', 'chars', 'fingerprint')}
+
+
+def check_same_data(meta, ckpt_meta, where):
+    """A one-line refusal when data prepared now differs from the data a checkpoint was made on."""
+    now, then = data_identity(meta), data_identity(ckpt_meta)
+    if then.get('fingerprint') is None or now.get('fingerprint') is None:
+        now.pop('fingerprint'), then.pop('fingerprint')  # data prepared before fingerprints existed
+    bad = [k for k in now if now[k] != then[k]]
+    if bad:
+        show = {k: (str(then[k])[:40], str(now[k])[:40]) for k in bad}
+        raise UserError(f"{where} was made on other data: {meta.get('dataset')} now differs in "
+                        + ', '.join(f"{k} ({a!r} then, {b!r} now)" for k, (a, b) in show.items()))
 
 
 class TokenData:
@@ -753,22 +924,24 @@ class TokenData:
     Batches are random windows, a pure function of the generator passed in."""
     def __init__(self, data_dir, dataset, split, meta=None):
         self.meta = meta or load_meta(data_dir, dataset)
-        info = self.meta.get('splits', {}).get(split)
+        again = f"; rerun python prepare.py --dataset={dataset}"
+        info = self.meta['splits'].get(split)
         if info is None:
-            raise UserError(f"{dataset} has no {split} split; rerun python prepare.py --dataset={dataset}")
+            raise UserError(f"{dataset} has no {split} split{again}")
         self.paths = [os.path.join(data_dir, dataset, s) for s in info['shards']]
         self.sizes = list(info['tokens'])
         self.dtype = np.dtype(self.meta.get('dtype', 'uint16'))
+        self.vocab = self.meta['vocab_size']
         for path, n in zip(self.paths, self.sizes):
             if not os.path.exists(path):
-                raise UserError(f"missing {path}; rerun python prepare.py --dataset={dataset}")
+                raise UserError(f"missing {path}{again}")
             if os.path.getsize(path) != n * self.dtype.itemsize:
                 raise UserError(f"{path} holds {os.path.getsize(path) // self.dtype.itemsize} tokens but "
-                                f"meta.json says {n}; rerun python prepare.py --dataset={dataset}")
+                                f"meta.json says {n}{again}")
 
     def batch(self, batch_size, length, gen):
         """(batch_size, length) int64 windows: a shard chosen in proportion to its windows, then
-        an offset within it."""
+        an offset within it. Ids outside the vocabulary are a one-line error naming the shard."""
         counts = torch.tensor([max(n - length + 1, 0) for n in self.sizes], dtype=torch.float64)
         if counts.sum() == 0:
             raise UserError(f"every shard is shorter than {length} tokens; lower --block_size")
@@ -777,34 +950,120 @@ class TokenData:
         offs = (torch.rand(batch_size, generator=gen, dtype=torch.float64) * counts[shard]).long()
         # memmaps are opened per batch, not kept (nanoGPT: a long-lived memmap grows resident memory)
         maps = {s: np.memmap(self.paths[s], dtype=self.dtype, mode='r') for s in set(shard.tolist())}
-        return torch.stack([torch.from_numpy(maps[s][o:o + length].astype(np.int64))
-                            for s, o in zip(shard.tolist(), offs.tolist())])
+        rows = [maps[s][o:o + length] for s, o in zip(shard.tolist(), offs.tolist())]
+        out = torch.from_numpy(np.stack(rows).astype(np.int64))
+        if out.max() >= self.vocab:
+            s = shard[int((out >= self.vocab).any(1).nonzero()[0])]
+            raise UserError(f"{self.paths[s]} holds token id {int(out.max())}, outside the vocabulary of "
+                            f"{self.vocab}; rerun python prepare.py --dataset={self.meta.get('dataset')}")
+        return out
+
+
+def fingerprint(data_dir, dataset, meta):
+    """A cheap fingerprint of a dataset's token files: sizes and hashes of their first and last
+    64 KiB (hashing 20 GB of FineWeb at every start would take minutes)."""
+    h = hashlib.blake2b(digest_size=8)
+    for split in sorted(meta['splits']):
+        for shard in meta['splits'][split]['shards']:
+            path = os.path.join(data_dir, dataset, shard)
+            with open(path, 'rb') as f:
+                size = os.fstat(f.fileno()).st_size
+                h.update(f"{shard}:{size}".encode() + f.read(65536))
+                f.seek(max(size - 65536, 0))
+                h.update(f.read(65536))
+    return h.hexdigest()
 
 # -----------------------------------------------------------------------------
-# checkpoints: atomic writes, weights_only loads, one-line errors
+# checkpoints: atomic writes, weights_only loads, one-line errors, the script that made them
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, flush + fsync, then rename: a crash leaves the old file."""
+def atomic_write(path, write, mode='wb'):
+    """write(f) into a temporary file, fsync, rename over path: a crash leaves the old file, and a
+    full disk leaves it too (the temporary file is removed; one-line error with the size needed)."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise UserError(f"cannot write {path}: {e.strerror}" + (f" (wrote {size / 2**20:.1f} MiB before the disk "
+                        "filled; free space there, the previous file is kept)" if full else "")) from None
     with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
 
 
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(text, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text), 'w')
+
+
+def remove_stale_temps(folder):
+    """Delete `*.tmp.<pid>` files of processes that no longer run (a kill -9 during a save)."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        pid = name.rpartition('.tmp.')[2]
+        if '.tmp.' in name and pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+            except PermissionError:
+                pass  # alive, another user's
+
+
+def read_log(path, warn=True):
+    """The records of a log.jsonl; a torn last line (kill -9, full disk) is skipped with a note."""
+    recs = []
+    with contextlib.suppress(FileNotFoundError), open(path, encoding='utf-8', errors='replace') as f:
+        lines = f.read().splitlines()
+        for i, line in enumerate(lines):
+            try:
+                recs.append(json.loads(line))
+            except ValueError:
+                if warn and line.strip():
+                    print0(f"note: skipped a torn line {i + 1} of {path}")
+    return recs
+
+
+def script_info(path):
+    """What a checkpoint records of the script that made it: its path and a hash of its source."""
+    with open(path, 'rb') as f:
+        return {'path': os.path.abspath(path), 'sha256': hashlib.sha256(f.read()).hexdigest()}
+
+
+def import_script(path):
+    """The module of a script file (a copy of diffusion.py, say), imported once; its folder goes on
+    sys.path so that a copied gpt.py finds the copied diffusion.py it imports."""
+    path = os.path.realpath(path)
+    for mod in list(sys.modules.values()):
+        if os.path.realpath(getattr(mod, '__file__', None) or '-') == path and mod.__name__ != '__main__':
+            return mod
+    name = os.path.splitext(os.path.basename(path))[0]
+    if name in sys.modules:  # another file of the same name is loaded: keep both apart
+        name = f"{name}_{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    if os.path.dirname(path) not in sys.path:
+        sys.path.append(os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:
+        del sys.modules[name]
+        raise UserError(f"cannot import {path}, the script that made this checkpoint ({type(e).__name__}: "
+                        f"{str(e)[:100]})") from None
+    return mod
 
 
 def read_checkpoint(path, device='cpu'):
@@ -823,13 +1082,13 @@ def read_checkpoint(path, device='cpu'):
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
         raise UserError(f"{path} is not a checkpoint of this project (missing "
                         f"{[k for k in need if not isinstance(ckpt, dict) or k not in ckpt]})")
+    ckpt['path'] = path
     return ckpt
 
 
 def build_model(ckpt, path='checkpoint'):
     """Rebuild the (uncompiled) model from the config stored in a checkpoint and load its weights."""
-    names = {f.name for f in fields(ModelConfig)}
-    unknown = set(ckpt['model_args']) - names
+    unknown = set(ckpt['model_args']) - {f.name for f in fields(ModelConfig)}
     if unknown:
         raise UserError(f"{path}: model config has unknown fields {sorted(unknown)}")
     model = Transformer(ModelConfig(**ckpt['model_args']))
@@ -841,11 +1100,48 @@ def build_model(ckpt, path='checkpoint'):
     return model
 
 
-def load_checkpoint(path, device='cpu'):
-    """(model in eval mode on device, checkpoint dict): for sample.py, evaluate.py, visualize.py."""
+@dataclass
+class Run:
+    """A checkpoint brought back by the script that trained it (see load_run)."""
+    model: nn.Module        # the script's Transformer, weights loaded, in eval mode on the device
+    ckpt: dict
+    script: object          # the script's module (diffusion.py, gpt.py or a copy of either)
+    objective: object       # the script's objective built with the run's settings: .schedule etc.
+    tokenizer: Tokenizer
+
+
+def load_run(path, device='cpu', finite=True):
+    """A checkpoint's model and objective, rebuilt from the classes of the script that made it
+    (ckpt['script']; checkpoints from before it was recorded use this folder's diffusion.py or
+    gpt.py). One-line errors when that script is gone, changed so that it no longer fits, or
+    the weights are not finite (a diverged run: use its best.pt)."""
     ckpt = read_checkpoint(path, device)
-    model = build_model(ckpt, path).to(device).eval()
-    return model, ckpt
+    path = ckpt['path']
+    info = ckpt.get('script') or {'path': os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                       f"{ckpt['objective']}.py")}
+    if not os.path.exists(info['path']):
+        raise UserError(f"{path} was made by {info['path']}, which is gone; put that script back (or copy it "
+                        "there) to use this checkpoint")
+    changed = 'sha256' in info and script_info(info['path'])['sha256'] != info['sha256']
+    mod = import_script(info['path'])
+    try:
+        model = mod.build_model(ckpt, path).to(device).eval()
+        defaults = getattr(mod, 'DEFAULTS', None) or mod.settings_of(vars(mod))  # gpt.py: DEFAULTS
+        objective = mod.OBJECTIVE(mod.Config(defaults, **ckpt['config']), ckpt['meta'])
+    except Exception as e:
+        if not changed:
+            raise
+        raise UserError(f"{info['path']} changed since it wrote {path} and no longer fits it "
+                        f"({type(e).__name__}: {str(e)[:120]})") from None
+    if finite and not all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point()):
+        raise UserError(f"{path} holds non-finite weights (the run diverged); use the run's best.pt instead")
+    return Run(model, ckpt, mod, objective, Tokenizer(ckpt['meta']))
+
+
+def load_checkpoint(path, device='cpu'):
+    """(model in eval mode on device, checkpoint dict), rebuilt by the script that made it."""
+    run = load_run(path, device)
+    return run.model, run.ckpt
 
 
 def rng_state():
@@ -864,9 +1160,8 @@ def set_rng_state(state):
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state['cuda'].cpu())
-
 # -----------------------------------------------------------------------------
-# training: one flat loop shared by diffusion.py and gpt.py
+# training: the steps train() takes, each a small function, in the order it takes them
 
 PEAK_FLOPS = [  # dense bf16 FLOP/s by device-name substring, first match wins; add yours
     ('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),
@@ -882,6 +1177,7 @@ def peak_flops(device):
 
 
 def resolve_device(name, local_rank=0):
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> a torch.device that exists here, else a one-line error."""
     if name == 'auto':
         if torch.cuda.is_available():
             name = f'cuda:{local_rank}'
@@ -891,15 +1187,109 @@ def resolve_device(name, local_rank=0):
             name = 'cpu'
     elif name == 'cuda':
         name = f'cuda:{local_rank}'
-    if name.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError("--device=cuda but CUDA is not available here; use --device=cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name!r}: use auto, cpu, cuda, cuda:N or mps", EXIT_USAGE) from None
+    if dev.type == 'cuda' and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device={name} but that CUDA device is not available here; use --device=cpu", EXIT_USAGE)
+    if dev.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+        raise UserError("--device=mps but MPS is not available here; use --device=cpu", EXIT_USAGE)
+    if dev.type not in ('cpu', 'cuda', 'mps'):
+        raise UserError(f"--device={name!r}: use auto, cpu, cuda, cuda:N or mps", EXIT_USAGE)
+    return dev
+
+
+def autocast_for(dev, dtype):
+    """bfloat16 autocast on CUDA by default (the loss is computed in fp32), none elsewhere."""
+    amp = {'auto': torch.bfloat16 if dev.type == 'cuda' else None, 'float32': None, 'bfloat16': torch.bfloat16}[dtype]
+    return torch.autocast(device_type=dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+RULES = {  # what each setting must be: (test, text); configure() checks the values given
+    'init_from': one_of(('scratch', 'resume', 'auto')), 'eval_interval': at_least(1), 'eval_iters': at_least(1),
+    'log_interval': at_least(1), 'diverge_ratio': at_least(0.0), 'batch_size': at_least(1),
+    'block_size': at_least(2), 'gradient_accumulation_steps': at_least(1), 'n_layer': at_least(1),
+    'n_head': at_least(1), 'n_embd': at_least(2), 'mlp': one_of(MLPS), 'dropout': in_range(0, 1, hi_open=True),
+    'schedule': one_of(SCHEDULES), 'masking': one_of(MASKINGS), 'loss_weighting': one_of(LOSS_WEIGHTINGS),
+    't_min': in_range(0, 1, hi_open=True), 'learning_rate': at_least(0.0), 'max_iters': at_least(0),
+    'warmup_iters': at_least(0), 'lr_decay_iters': at_least(0, optional=True), 'min_lr': at_least(0.0, optional=True),
+    'weight_decay': at_least(0.0), 'beta1': in_range(0, 1, hi_open=True), 'beta2': in_range(0, 1, hi_open=True),
+    'grad_clip': at_least(0.0), 'dtype': one_of(('auto', 'float32', 'bfloat16')),
+    'backend': one_of(('auto', 'nccl', 'gloo')),
+}
+
+
+def check_settings(c):
+    """Checks between settings (each alone is checked by RULES), and warnings for odd pairs."""
+    if c.n_embd % c.n_head or (c.n_embd // c.n_head) % 2:
+        raise UserError(f"--n_embd={c.n_embd} must be a multiple of --n_head={c.n_head} with an even quotient "
+                        "(the head size, for rotary embeddings)", EXIT_USAGE)
+    decay = c.lr_decay_iters if c.lr_decay_iters is not None else c.max_iters
+    for bad, what in ((c.warmup_iters > c.max_iters, f"warmup_iters={c.warmup_iters} is longer than the run: the "
+                       "learning rate never reaches its peak"),
+                      (c.eval_interval > c.max_iters > 0, f"eval_interval={c.eval_interval} > max_iters: validation "
+                       "runs only at the start and the end"),
+                      (decay < c.max_iters, f"lr_decay_iters={decay} < max_iters: the last "
+                       f"{c.max_iters - decay} steps run at min_lr")):
+        if bad:
+            print0(f"warning: {what}")
 
 
 def default_out_dir(c, objective):
     if objective == 'diffusion':
-        return os.path.join('out', f'diffusion-{c["dataset"]}-{c["schedule"]}-{c["masking"]}')
-    return os.path.join('out', f'{objective}-{c["dataset"]}')
+        return os.path.join('out', f'diffusion-{c.dataset}-{c.schedule}-{c.masking}')
+    return os.path.join('out', f'{objective}-{c.dataset}')
+
+
+def lock_run(out_dir):
+    """One run per out_dir: an exclusive lock on out_dir/lock, held until the process ends (the OS
+    drops it however the process ends, so a killed run never blocks the next)."""
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, 'lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or '?'
+        f.close()
+        raise UserError(f"{out_dir} is in use by another run (pid {holder}); wait for it, or choose another "
+                        "--out_dir", EXIT_USAGE) from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def start_or_resume(c, objective_name):
+    """(settings, checkpoint or None). Resuming takes the checkpoint's settings, updated by those
+    set explicitly now; the model, data and objective cannot change under a resumed run."""
+    path = os.path.join(c.out_dir, 'ckpt.pt')
+    mode = c.init_from if c.init_from != 'auto' else ('resume' if os.path.exists(path) else 'scratch')
+    if mode == 'scratch':
+        if os.path.exists(path):
+            raise UserError(f"{c.out_dir} already holds a run; continue it with --init_from=resume, or "
+                            "choose another --out_dir (or delete that folder)", EXIT_USAGE)
+        return c, None
+    ckpt = read_checkpoint(path)
+    if ckpt['objective'] != objective_name:
+        raise UserError(f"{path} holds a {ckpt['objective']} run; resume it with {ckpt['objective']}.py")
+    merged = Config(ckpt['config'])
+    fixed = {f.name for f in fields(ModelConfig)} | {'dataset', 'schedule', 'masking', 'loss_weighting'}
+    for k in sorted(c.explicit):
+        if k in fixed and k in merged and merged[k] != c[k]:
+            raise UserError(f"--{k}={c[k]!r} differs from the checkpoint's {merged[k]!r}; a resumed run "
+                            "keeps its model and objective (start a new --out_dir instead)", EXIT_USAGE)
+    merged.update({k: v for k, v in c.items() if k in c.explicit or k not in merged})
+    merged.explicit = c.explicit
+    return merged, ckpt
+
+
+def model_config(c, meta, causal):
+    """The ModelConfig of a run: every ModelConfig field that is also a setting comes from it."""
+    n = meta['vocab_size']
+    own = {f.name: c[f.name] for f in fields(ModelConfig) if f.name in c}
+    return ModelConfig(**dict(own, vocab_size=padded_vocab(n), mask_id=n, causal=causal))
 
 
 def lr_at(step, c):
@@ -923,21 +1313,66 @@ def make_optimizer(model, c, device):
     return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2), **extra)
 
 
-def _resume_config(cfg, ckpt, objective_name, path):
-    """The checkpoint's settings, updated by those set explicitly now; the model and the
-    objective cannot change under a resumed run."""
-    if ckpt['objective'] != objective_name:
-        raise UserError(f"{path} holds a {ckpt['objective']} run; resume it with {ckpt['objective']}.py")
-    merged = dict(ckpt['config'])
-    fixed = set(MODEL_KEYS) | {'dataset', 'schedule', 'masking', 'loss_weighting'}
-    for k in sorted(cfg.explicit):
-        if k in fixed and k in merged and merged[k] != cfg[k]:
-            raise UserError(f"--{k}={cfg[k]!r} differs from the checkpoint's {merged[k]!r}; a resumed run "
-                            "keeps its model and objective (start a new --out_dir instead)", EXIT_USAGE)
-    for k, v in cfg.items():
-        if k in cfg.explicit or k not in merged:
-            merged[k] = v
-    return merged
+def restore(ckpt, optimizer, c, rank, world):
+    """Seed this rank, then restore the optimizer, the loop counters and every RNG from a
+    checkpoint. Returns (step, best_val, evaluated_at)."""
+    torch.manual_seed(c.seed + rank)  # per-rank randomness (dropout)
+    random.seed(c.seed + rank)
+    np.random.seed(c.seed + rank)
+    if ckpt is None:
+        return 0, float('inf'), -1
+    optimizer.load_state_dict(ckpt['optimizer'])
+    states = ckpt.get('rng', [])
+    if len(states) == world:
+        set_rng_state(states[rank])
+    else:
+        print0(f"note: checkpoint has RNG state for {len(states)} processes, this run has {world}; reseeded")
+    return ckpt['step'], ckpt.get('best_val_loss', float('inf')), ckpt.get('evaluated_at', -1)
+
+
+def open_log(out_dir, step, cfg):
+    """log.jsonl without the lines written after the checkpoint (a crash), plus a start record."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    keep = [r for r in read_log(path) if r.get('step', 0) <= step]
+    atomic_write_text(''.join(json.dumps(r) + '\n' for r in keep + [{'step': step, 'event': 'start',
+                                                                        'config': dict(cfg)}]), path)
+    return path
+
+
+def write_status(out_dir, status, step, max_iters):
+    atomic_write_text(json.dumps({'status': status, 'step': step, 'max_iters': max_iters}) + '\n',
+                      os.path.join(out_dir, 'status.json'))
+
+
+def save_checkpoint(path, raw_model, optimizer, model_cfg, objective_name, cfg, meta, script, loop, states):
+    """Everything needed to continue exactly: weights, optimizer, settings, data identity, the
+    script that trained it, the loop counters and every rank's RNG state. Atomic."""
+    atomic_save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'model_args': asdict(model_cfg), 'objective': objective_name, 'config': dict(cfg), 'meta': meta,
+                 'script': script, 'step': loop['step'], 'best_val_loss': loop['best_val'],
+                 'evaluated_at': loop['evaluated_at'], 'rng': states,
+                 'data': {'sampler': 'random windows keyed by (seed, step, micro)', 'seed': cfg['seed']}}, path)
+
+
+def keep_best(ckpt_path):
+    """best.pt: a hard link to the checkpoint just written (no copy; ckpt.pt is later replaced by a
+    rename, so best.pt keeps these bytes). Atomic like every file of a run."""
+    best = os.path.join(os.path.dirname(ckpt_path), 'best.pt')
+    tmp = f"{best}.tmp.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    try:
+        os.link(ckpt_path, tmp)
+    except OSError:  # a filesystem without hard links
+        with open(ckpt_path, 'rb') as f:
+            data = f.read()
+        atomic_write(best, lambda out: out.write(data))
+        return
+    os.replace(tmp, best)
+
+
+def finite_weights(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def shutdown_ddp(dist):
@@ -949,118 +1384,81 @@ def shutdown_ddp(dist):
     dist.destroy_process_group()
 
 
-def train(cfg, objective_cls):
-    """Train with the settings in cfg (a Config from configure) and an objective class
-    (DiffusionObjective here, GPTObjective in gpt.py). Exits with EXIT_RESUMABLE after a
-    SIGUSR1/SIGTERM-triggered save; returns normally when max_iters is reached."""
+def fmt_time(s):
+    return f"{s / 3600:.1f}h" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def train(c, Objective, script):
+    """Train with settings c (a Config from configure) and an objective class (DiffusionObjective
+    here, GPTObjective in gpt.py); script is the training script's path, recorded in checkpoints.
+    Exits with EXIT_RESUMABLE after a SIGUSR1/SIGTERM/Ctrl-C-triggered save, raises UserError
+    (EXIT_DIVERGED) when the loss diverges, returns the model when max_iters is reached."""
     # ---- processes and devices: DDP from torchrun's environment ----
     ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, local_rank, world = 0, 0, 1
-    if ddp:
-        rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-        world = int(os.environ['WORLD_SIZE'])
+    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
     master = rank == 0
-    dev = resolve_device(cfg['device'], local_rank)
+    dev = resolve_device(c.device, local_rank)
     if ddp:
         import torch.distributed as dist
-        be = cfg['backend'] if cfg['backend'] != 'auto' else ('nccl' if dev.type == 'cuda' else 'gloo')
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=be)
+        dist.init_process_group(backend=c.backend if c.backend != 'auto' else ('nccl' if dev.type == 'cuda' else 'gloo'))
 
-    # ---- where the run lives; resume or start ----
-    objective_name = objective_cls.name
-    explicit = getattr(cfg, 'explicit', frozenset())
-    cfg = Config(cfg, out_dir=cfg['out_dir'] or default_out_dir(cfg, objective_name))
-    cfg.explicit = explicit
-    out_dir = cfg['out_dir']
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    mode = cfg['init_from']
-    if mode == 'auto':
-        mode = 'resume' if os.path.exists(ckpt_path) else 'scratch'
-    ckpt = None
-    if mode == 'resume':
-        ckpt = read_checkpoint(ckpt_path)
-        cfg = Config(_resume_config(cfg, ckpt, objective_name, ckpt_path))
-        cfg.explicit = explicit
-    elif mode == 'scratch':
-        if os.path.exists(ckpt_path):
-            raise UserError(f"{out_dir} already holds a run; continue it with --init_from=resume, or "
-                            "choose another --out_dir (or delete that folder)", EXIT_USAGE)
-    else:
-        raise UserError(f"--init_from={mode!r}: use scratch, resume or auto", EXIT_USAGE)
-    c = type('Settings', (), dict(cfg))  # attribute access: c.batch_size
+    # ---- where the run lives: lock it, then start or resume ----
+    explicit = c.explicit
+    c = Config(c, out_dir=c.out_dir or default_out_dir(c, Objective.name))
+    c.explicit = explicit
+    out_dir, ckpt_path = c.out_dir, os.path.join(c.out_dir, 'ckpt.pt')
+    lock = lock_run(out_dir) if master else None
+    if master:
+        remove_stale_temps(out_dir)
+    c, ckpt = start_or_resume(c, Objective.name)
+    check_settings(c)
     if c.gradient_accumulation_steps % world:
         raise UserError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} is not a multiple of "
                         f"the {world} DDP processes", EXIT_USAGE)
     micro_per_rank = c.gradient_accumulation_steps // world
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
 
-    # ---- data, model, objective ----
+    # ---- data, model, objective, optimizer ----
     meta = load_meta(c.data_dir, c.dataset)
     train_data = TokenData(c.data_dir, c.dataset, 'train', meta)
     val_data = TokenData(c.data_dir, c.dataset, 'val', meta)
-    n_tokens = meta['vocab_size']
-    model_cfg = ModelConfig(vocab_size=padded_vocab(n_tokens), mask_id=n_tokens, block_size=c.block_size,
-                            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, mlp=c.mlp,
-                            tie_weights=c.tie_weights, causal=objective_cls.causal,
-                            time_cond=getattr(c, 'time_cond', False), dropout=c.dropout)
-    torch.manual_seed(c.seed)  # identical initial weights on every rank
-    model = Transformer(model_cfg) if ckpt is None else build_model(ckpt, ckpt_path)
-    objective = objective_cls(c, n_tokens, model_cfg.vocab_size, c.gradient_accumulation_steps)
-    model.to(dev)
-    optimizer = make_optimizer(model, c, dev)
-    step, best_val, evaluated_at = 0, float('inf'), -1
+    meta = dict(meta, fingerprint=fingerprint(c.data_dir, c.dataset, meta))
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        step, best_val = ckpt['step'], ckpt.get('best_val_loss', float('inf'))
-        evaluated_at = ckpt.get('evaluated_at', -1)
-    raw_model = model
-    torch.manual_seed(c.seed + rank)  # per-rank randomness (dropout)
-    random.seed(c.seed + rank)
-    np.random.seed(c.seed + rank)
-    if ckpt is not None and 'rng' in ckpt:
-        states = ckpt['rng']
-        if len(states) == world:
-            set_rng_state(states[rank])
-        else:
-            print0(f"note: checkpoint has RNG state for {len(states)} processes, this run has {world}; reseeded")
-    if c.compile:
-        model = torch.compile(model)
+        check_same_data(meta, ckpt['meta'], ckpt_path)
+    model_cfg = model_config(c, meta, Objective.causal)
+    torch.manual_seed(c.seed)  # identical initial weights on every rank
+    raw_model = (Transformer(model_cfg) if ckpt is None else build_model(ckpt, ckpt_path)).to(dev)
+    objective = Objective(c, meta)
+    optimizer = make_optimizer(raw_model, c, dev)
+    step, best_val, evaluated_at = restore(ckpt, optimizer, c, rank, world)
+    model = torch.compile(raw_model) if c.compile else raw_model
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if dev.type == 'cuda' else None)
-    amp_dtype = {'auto': torch.bfloat16 if dev.type == 'cuda' else None, 'float32': None,
-                 'bfloat16': torch.bfloat16}.get(c.dtype, 'bad')
-    if amp_dtype == 'bad':
-        raise UserError(f"--dtype={c.dtype!r}: use auto, float32 or bfloat16", EXIT_USAGE)
-    autocast = (torch.autocast(device_type=dev.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
-    tokenizer = Tokenizer(meta)
+    autocast = autocast_for(dev, c.dtype)
+    script = script_info(script)
 
-    tokens_per_step = c.batch_size * (c.block_size) * c.gradient_accumulation_steps
-    peak = peak_flops(dev)
-    flops_per_step = raw_model.flops_per_token() * tokens_per_step
-    print0(f"{objective_name}: {raw_model.num_params() / 1e6:.2f}M parameters, {world} process(es) on {dev}, "
+    tokens_per_step = c.batch_size * c.block_size * c.gradient_accumulation_steps
+    peak, flops_per_step = peak_flops(dev), raw_model.flops_per_token() * tokens_per_step
+    print0(f"{Objective.name}: {raw_model.num_params() / 1e6:.2f}M parameters, {world} process(es) on {dev}, "
            f"{tokens_per_step:,} tokens/step, out_dir={out_dir}, starting at step {step}")
-    log_path = os.path.join(out_dir, 'log.jsonl')
-    if master:
-        if os.path.exists(log_path):  # drop lines from after the checkpoint (a crash, not a signal)
-            with open(log_path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get('step', 0) <= step]
-            atomic_write_text(''.join(keep), log_path)
-        with open(log_path, 'a') as f:
-            f.write(json.dumps({'step': step, 'event': 'start', 'config': dict(cfg)}) + '\n')
+    log_path = open_log(out_dir, step, c) if master else None
+    wandb = None
+    if c.wandb_log and master:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--wandb_log=true needs the wandb package: pip install wandb") from None
+        wandb.init(project=c.wandb_project, name=c.wandb_run_name or os.path.basename(os.path.abspath(out_dir)),
+                   config=dict(c))
 
     def log(record):
         if master:
             with open(log_path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
-
-    def val_batches():
-        for i in range(c.eval_iters):  # the same validation windows at every evaluation
-            yield val_data.batch(c.batch_size, c.block_size + 1, rng(c.seed, 'val', i)).to(dev)
+            if wandb is not None:
+                wandb.log(record, step=record['step'])
 
     def save(status):
         states = [rng_state()]
@@ -1068,22 +1466,29 @@ def train(cfg, objective_cls):
             states = [None] * world
             dist.all_gather_object(states, rng_state())
         if master:
-            atomic_save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                         'model_args': asdict(model_cfg), 'objective': objective_name, 'config': dict(cfg),
-                         'meta': meta, 'step': step, 'best_val_loss': best_val, 'evaluated_at': evaluated_at,
-                         'rng': states, 'data': {'sampler': 'random windows keyed by (seed, step, micro)',
-                                                 'seed': c.seed, 'next_step': step}}, ckpt_path)
-            atomic_write_text(json.dumps({'status': status, 'step': step, 'max_iters': c.max_iters}) + '\n',
-                              os.path.join(out_dir, 'status.json'))
+            save_checkpoint(ckpt_path, raw_model, optimizer, model_cfg, Objective.name, c, meta, script,
+                            {'step': step, 'best_val': best_val, 'evaluated_at': evaluated_at}, states)
+            write_status(out_dir, status, step, c.max_iters)
         if ddp:
             dist.barrier()
 
-    # ---- signals: finish the current step, save, exit EXIT_RESUMABLE ----
+    def diverged(what):
+        if master:
+            write_status(out_dir, 'diverged', step, c.max_iters)
+            log({'step': step, 'event': 'diverged', 'why': what})
+        kept = f"{ckpt_path} keeps step {ckpt['step'] if ckpt else 'none'}" if not os.path.exists(ckpt_path) or \
+            ckpt else f"{ckpt_path} keeps the last good step"
+        raise UserError(f"step {step}: {what}; the run diverged and stopped ({kept}; lower --learning_rate)",
+                        EXIT_DIVERGED)
+
+    # ---- signals: finish the current step, save, exit EXIT_RESUMABLE; a second Ctrl-C stops at once ----
     stop = {'signal': None}
 
     def on_signal(signum, frame):
+        if signum == signal.SIGINT and stop['signal'] == signal.SIGINT:
+            raise KeyboardInterrupt
         stop['signal'] = signum
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
 
     def stop_requested():
         flag = torch.tensor([1.0 if stop['signal'] else 0.0], device=dev)
@@ -1093,20 +1498,27 @@ def train(cfg, objective_cls):
 
     # ---- the loop ----
     model.train()
-    t_last, steps_since, loss_acc = time.time(), 0, 0.0
+    t_last, steps_since, loss_acc = time.time(), 0, torch.zeros((), device=dev)
     try:
         while True:
             if (step % c.eval_interval == 0 or step >= c.max_iters) and evaluated_at != step:
                 model.eval()
                 with autocast:
-                    metrics = objective.evaluate(raw_model, val_batches())
+                    metrics = objective.evaluate(raw_model, (val_data.batch(c.batch_size, c.block_size + 1,
+                                                             rng(c.seed, 'val', i)).to(dev) for i in range(c.eval_iters)))
                 model.train()
-                evaluated_at = step
-                key = 'val_nelbo' if 'val_nelbo' in metrics else 'val_loss'
-                best_val = min(best_val, metrics[key])
+                val = metrics.get('val_nelbo', metrics['val_loss'])
                 print0(f"step {step}: " + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+                if not math.isfinite(val) or not finite_weights(raw_model):
+                    diverged(f"validation loss {val}" if not math.isfinite(val) else "non-finite weights")
+                if c.diverge_ratio and val > c.diverge_ratio * best_val:
+                    diverged(f"validation loss {val:.4f} is over {c.diverge_ratio:g}x the best {best_val:.4f}")
+                evaluated_at, improved = step, val < best_val
+                best_val = min(best_val, val)
                 log({'step': step, 'loss': metrics['val_loss'], **metrics})
                 save('finished' if step >= c.max_iters else 'running')
+                if improved and master:
+                    keep_best(ckpt_path)
                 t_last = time.time()
             if stop_requested():
                 save('interrupted')
@@ -1130,7 +1542,7 @@ def train(cfg, objective_cls):
                     with autocast:
                         loss = objective.loss(model, window, step, g)
                     (loss / micro_per_rank).backward()
-                loss_acc += loss.item() / micro_per_rank
+                loss_acc += loss.detach().float() / micro_per_rank   # on the device: no sync per step
             if c.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip)
             optimizer.step()
@@ -1138,46 +1550,47 @@ def train(cfg, objective_cls):
             step += 1
             steps_since += 1
             if step % c.log_interval == 0 or step == c.max_iters:
-                train_loss = torch.tensor([loss_acc / steps_since], device=dev)
+                train_loss = (loss_acc / steps_since).reshape(1)
                 if ddp:
                     dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-                if dev.type == 'cuda':
-                    torch.cuda.synchronize(dev)
+                train_loss = train_loss.item()
                 dt = (time.time() - t_last) / steps_since
-                tok_s = tokens_per_step / dt
-                rec = {'step': step, 'loss': train_loss.item(), 'lr': lr, 'ms_per_step': 1000 * dt,
-                       'tokens_per_s': tok_s}
-                line = (f"step {step} | loss {rec['loss']:.4f} | lr {lr:.2e} | {1000 * dt:.1f} ms/step | "
-                        f"{tok_s:,.0f} tok/s")
+                rec = {'step': step, 'loss': train_loss, 'lr': lr, 'ms_per_step': 1000 * dt,
+                       'tokens_per_s': tokens_per_step / dt}
+                line = (f"step {step}/{c.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {1000 * dt:.1f} ms/step | "
+                        f"{rec['tokens_per_s']:,.0f} tok/s")
                 if peak:
                     rec['mfu'] = flops_per_step / dt / world / peak
                     line += f" | mfu {100 * rec['mfu']:.1f}%"
-                print0(line)
+                print0(line + f" | eta {fmt_time((c.max_iters - step) * dt)}")
+                if not math.isfinite(train_loss):
+                    diverged(f"training loss {train_loss}")
                 log(rec)
-                t_last, steps_since, loss_acc = time.time(), 0, 0.0
+                t_last, steps_since, loss_acc = time.time(), 0, torch.zeros((), device=dev)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
 
     if master and c.sample_at_end:
         print0('-' * 60)
-        print0(objective.sample(raw_model.eval(), tokenizer))
+        print0(objective.sample(raw_model.eval(), Tokenizer(meta)))
         print0('-' * 60)
         print0(f"more samples: python sample.py --out_dir={out_dir}")
     if ddp:
         model = None  # release the DDP wrapper before its process group
         shutdown_ddp(dist)
+    if wandb is not None:
+        wandb.finish()
+    if lock is not None:
+        lock.close()
     return raw_model
 
 
-CHOICES = {'schedule': tuple(SCHEDULES), 'masking': ('uniform', 'entropy'), 'mlp': ('relu2', 'swiglu'),
-           'loss_weighting': ('nelbo', 'masked_mean'), 'init_from': ('scratch', 'resume', 'auto'),
-           'dtype': ('auto', 'float32', 'bfloat16'), 'backend': ('auto', 'nccl', 'gloo')}
+OBJECTIVE = DiffusionObjective   # what load_run builds for this script's checkpoints
 
 
 def main():
-    cfg = configure(globals(), choices=CHOICES)
-    train(cfg, DiffusionObjective)
+    train(configure(globals(), rules=RULES), DiffusionObjective, __file__)
 
 
 if __name__ == '__main__':

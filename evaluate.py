@@ -52,9 +52,10 @@ import torch
 import torch.nn.functional as F
 
 import sample
-from diffusion import (EXIT_USAGE, Schedule, TokenData, Tokenizer, UserError, atomic_write_text,
-                       configure, load_checkpoint, load_meta, mask_probs, masked_ce, read_checkpoint,
-                       resolve_device, rng, run_cli, stratified_times)
+from diffusion import (EXIT_USAGE, Schedule, TokenData, Tokenizer, UserError, at_least, atomic_write_text,
+                       autocast_for, check_same_data, configure, fingerprint, in_range, load_meta, load_run,
+                       mask_uniform, masked_ce, one_of, read_checkpoint, read_log, resolve_device, rng, run_cli,
+                       settings_of, stratified_times)
 
 # -----------------------------------------------------------------------------
 out_dir = ''                    # run folder holding ckpt.pt (diffusion or GPT)
@@ -85,12 +86,11 @@ recompute = False               # --compare: evaluate again even when a run's ev
 device = 'auto'                 # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = 'auto'                  # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere) | 'float32' | 'bfloat16'
 seed = 1337                     # every random draw of the evaluation is keyed by this
-# sample.py's sampler options (threshold, remask_score, remdm_mode, remdm_eta, stride): same names,
-# defaults and meaning as there (the schedule comes from the checkpoint)
-SAMPLER_OPTIONS = [k for k in sample.SAMPLER_OPTIONS if k != 'schedule']
-globals().update({k: getattr(sample, k) for k in SAMPLER_OPTIONS})
+# and sample.py's sampler options (threshold, remask_score, remdm_mode, remdm_eta, stride): same names,
+# defaults and meaning as there (the schedule is the checkpoint's)
 # -----------------------------------------------------------------------------
 
+SAMPLER_OPTIONS = [k for k in sample.SAMPLER_OPTIONS if k != 'schedule']
 LINEAR = Schedule('linear')     # alpha(t) = 1 - t: uniform masking at rate t, NELBO weight 1/t
 EVAL_KEYS = ('data_dir', 'split', 'max_tokens', 'batch_size', 'passes', 't_min', 'control_variate', 'discrete',
              'curve_points', 'curve_tokens', 'wikitext', 'ref', 'num_samples', 'sample_seeds', 'sampler', 'steps',
@@ -185,13 +185,6 @@ def resolve_data_dir(ckpt, override):
     return d
 
 
-def check_same_vocab(meta, ckpt_meta, where):
-    keys = ('tokenizer', 'vocab_size', 'chars')
-    diff = [k for k in keys if meta.get(k) != ckpt_meta.get(k)]
-    if diff:
-        raise UserError(f"{where} does not use the checkpoint's vocabulary ({', '.join(diff)} differ); "
-                        "point --data_dir at the data the model was trained on")
-
 # -----------------------------------------------------------------------------
 # likelihood
 
@@ -213,7 +206,7 @@ def continuous_batch(model, x, gen_t, gen_mask, t_min):
     n, L = x.shape
     u0 = torch.rand((), generator=gen_t, dtype=torch.float64)
     t = stratified_times(u0, 0, n, n, t_min)                               # (n,) in [t_min, 1)
-    mask = (torch.rand(x.shape, generator=gen_mask, dtype=torch.float64) < mask_probs(x, LINEAR.alpha(t)))
+    mask = torch.rand(x.shape, generator=gen_mask, dtype=torch.float64) < mask_uniform(x, LINEAR.alpha(t), None)
     ce = masked_ce(model, x, mask.to(x.device), model.cfg.mask_id, t.float().to(x.device))   # (n,)
     w = (1 - t_min) * LINEAR.weight(t)                                     # (n,) float64 on the CPU
     f = w.to(x.device) * ce.double() / L
@@ -336,25 +329,25 @@ def likelihood(model, objective, w, c, char, autocast=contextlib.nullcontext(), 
     """Every likelihood figure of one model on windows w (N, L + 1); see the module docstring."""
     res = {'windows': len(w), 'window_tokens': w.size(1) - 1}
     if objective == 'gpt':
-        est, tokens, dt = gpt_exact(model, w, c['batch_size'], autocast)
+        est, tokens, dt = gpt_exact(model, w, c.batch_size, autocast)
         res['exact'] = summarize(est, tokens, dt, 'exact', char)
         res['headline'] = 'exact'
         return res
-    if c['passes'] < 2:
-        raise UserError(f"--passes={c['passes']}: at least 2 are needed for a confidence interval", EXIT_USAGE)
+    if c.passes < 2:
+        raise UserError(f"--passes={c.passes}: at least 2 are needed for a confidence interval", EXIT_USAGE)
     x = w[:, 1:]
-    for name, fn, on in (('continuous', continuous_batch, True), ('discrete', discrete_batch, c['discrete'])):
+    for name, fn, on in (('continuous', continuous_batch, True), ('discrete', discrete_batch, c.discrete)):
         if on:
-            est, tokens, dt, beta = monte_carlo(model, x, fn, c['passes'], c['batch_size'], c['seed'], c['t_min'],
-                                                c['control_variate'] and name == 'continuous', autocast)
+            est, tokens, dt, beta = monte_carlo(model, x, fn, c.passes, c.batch_size, c.seed, c.t_min,
+                                                c.control_variate and name == 'continuous', autocast)
             res[name] = summarize(est, tokens, dt, name, char)
             if name == 'continuous':
-                res[name].update(t_min=c['t_min'], control_variate=c['control_variate'], beta=beta)
+                res[name].update(t_min=c.t_min, control_variate=c.control_variate, beta=beta)
     res['headline'] = 'continuous'
-    if curve and c['curve_points'] > 0:
-        n = max(1, min(len(x), c['curve_tokens'] // x.size(1)))
+    if curve and c.curve_points > 0:
+        n = max(1, min(len(x), c.curve_tokens // x.size(1)))
         sub = x[torch.linspace(0, len(x) - 1, n).round().long().unique()]
-        res['curve'] = mask_rate_curve(model, sub, c['curve_points'], c['batch_size'], c['seed'], autocast)
+        res['curve'] = mask_rate_curve(model, sub, c.curve_points, c.batch_size, c.seed, autocast)
         res['curve_area'] = float(np.mean([p['ce'] for p in res['curve']]))   # midpoint rule: ~ the NELBO
     return res
 
@@ -411,7 +404,8 @@ class RefModel:
 
 def gpt_ref(path, device, autocast):
     """A gpt.py run as the reference; its final-norm output (a forward hook) gives features."""
-    model, ckpt = load_checkpoint(path, device)
+    run = load_run(path, device)
+    model, ckpt = run.model, run.ckpt
     if ckpt['objective'] != 'gpt':
         raise UserError(f"--ref={path} holds a {ckpt['objective']} run; the reference must be autoregressive "
                         "(a gpt.py run folder, or gpt2 through transformers)")
@@ -505,7 +499,7 @@ def mauve_score(p_feats, q_feats, seed):
 
 
 def sampler_name(c):
-    return c['sampler'] or sample.sampler
+    return c.sampler or sample.sampler
 
 
 @torch.no_grad()
@@ -520,8 +514,8 @@ def run_sampler(model, objective, n, num, seed, c, tokenizer, schedule):
     stats, prev, change, revise, x = {'nfe': 0}, None, [], [], None
     t0 = time.time()
     for _, x, _ in sample.frames(model, objective, prompt, n, num_samples=num, sampler=sampler_name(c),
-                                 steps=c['steps'], temperature=c['temperature'], top_k=c['top_k'],
-                                 top_p=c['top_p'], seed=seed, stats=stats, schedule=schedule, **opts):
+                                 steps=c.steps, temperature=c.temperature, top_k=c.top_k,
+                                 top_p=c.top_p, seed=seed, stats=stats, schedule=schedule, **opts):
         if objective == 'diffusion':
             before = prev if prev is not None else torch.full_like(x, mask_id)
             changed = x != before                                      # (num, n)
@@ -533,27 +527,27 @@ def run_sampler(model, objective, n, num, seed, c, tokenizer, schedule):
                                       'change_rate_per_step': change, 'revision_rate_per_step': revise}
 
 
-def sample_quality(model, objective, meta, data, ref, c, schedule='linear'):
+def sample_quality(model, objective, meta, data, ref, c, schedule=None):
     """Sample quality averaged over sample_seeds seeds; the same text figures for length-matched
     validation windows ('data') as the yardstick."""
     tok = Tokenizer(meta)
     n = model.cfg.block_size
-    res = {'num_samples': c['num_samples'], 'seeds': c['sample_seeds'], 'tokens_per_sample': n,
+    res = {'num_samples': c.num_samples, 'seeds': c.sample_seeds, 'tokens_per_sample': n,
            'sampler': sampler_name(c) if objective == 'diffusion' else 'left-to-right',
-           'steps': c['steps'] if objective == 'diffusion' else n, 'reference': ref.name if ref else None,
+           'steps': c.steps if objective == 'diffusion' else n, 'reference': ref.name if ref else None,
            'mauve_features': None, 'notes': [], 'per_seed': []}
     if ref is None:
         res['notes'].append("no --ref: no generative perplexity or MAUVE (pass --ref=DIR of a gpt.py run, or gpt2)")
-    want_mauve = c['mauve'] and ref is not None
+    want_mauve = c.mauve and ref is not None
     if want_mauve and importlib.util.find_spec('mauve') is None:
         want_mauve = False
         res['notes'].append("MAUVE skipped: mauve-text is not installed (pip install mauve-text)")
     elif want_mauve:
         res['mauve_features'] = f"final hidden state at the last token, {ref.name}"
-    for s in range(c['sample_seeds']):
-        sd = c['seed'] + s * c['num_samples']       # sample i of the batch uses sd + i: no seed twice
-        toks, info = run_sampler(model, objective, n, c['num_samples'], sd, c, tok, schedule)
-        refs = data.batch(c['num_samples'], n, rng(c['seed'], 'refs', s))       # (num, n) real text
+    for s in range(c.sample_seeds):
+        sd = c.seed + s * c.num_samples       # sample i of the batch uses sd + i: no seed twice
+        toks, info = run_sampler(model, objective, n, c.num_samples, sd, c, tok, schedule)
+        refs = data.batch(c.num_samples, n, rng(c.seed, 'refs', s))       # (num, n) real text
         rec = {'seed': sd, 'nfe': info['nfe'], 'seconds': info['seconds'], 'tokens_per_s': info['tokens_per_s'],
                'samples': text_stats(toks.tolist()), 'data': text_stats(refs.tolist())}
         if objective == 'diffusion':
@@ -575,8 +569,8 @@ def sample_quality(model, objective, meta, data, ref, c, schedule='linear'):
     figures = {f'{who}_{k}': [r[who][k] for r in seeds] for who in ('samples', 'data') for k in seeds[0][who]}
     if want_mauve:
         figures['mauve'] = [r['mauve'] for r in seeds]
-        if c['num_samples'] < 100:
-            res['notes'].append(f"MAUVE from {c['num_samples']} samples per seed is a rough figure (k-means on so few "
+        if c.num_samples < 100:
+            res['notes'].append(f"MAUVE from {c.num_samples} samples per seed is a rough figure (k-means on so few "
                                 "points; Pillutla et al. use thousands): raise --num_samples for a firm one")
     for k, v in figures.items():
         res['mean'][k] = float(np.mean(v))
@@ -614,23 +608,12 @@ def seed_block(lik, samples):
 
 def training_log(run_dir):
     """Training-time records of log.jsonl: train loss and validation curves, last values."""
-    path = os.path.join(run_dir, 'log.jsonl')
     out = {'train': [], 'val': []}
-    if not os.path.exists(path):
-        return out
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = jsonlib.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash
-            if 'val_loss' in rec:
-                out['val'].append({k: rec[k] for k in ('step', 'val_loss', 'val_nelbo') if k in rec})
-            elif 'loss' in rec and 'event' not in rec:
-                out['train'].append({'step': rec['step'], 'loss': rec['loss']})
+    for rec in read_log(os.path.join(run_dir, 'log.jsonl'), warn=False):
+        if 'val_loss' in rec:
+            out['val'].append({k: rec[k] for k in ('step', 'val_loss', 'val_nelbo') if k in rec})
+        elif 'loss' in rec and 'event' not in rec:
+            out['train'].append({'step': rec['step'], 'loss': rec['loss']})
     if out['val']:
         last = out['val'][-1]
         out['last_val_loss'] = last.get('val_loss')
@@ -652,27 +635,21 @@ def write_json(obj, path):
     atomic_write_text(jsonlib.dumps(clean(obj), indent=1, allow_nan=False) + '\n', path)
 
 
-def autocast_for(dev, name):
-    amp = {'auto': torch.bfloat16 if dev.type == 'cuda' else None, 'float32': None, 'bfloat16': torch.bfloat16}
-    if name not in amp:
-        raise UserError(f"--dtype={name!r}: use auto, float32 or bfloat16", EXIT_USAGE)
-    return torch.autocast(device_type=dev.type, dtype=amp[name]) if amp[name] else contextlib.nullcontext()
-
-
 def evaluate_run(run_dir, c, log=print):
     """Every figure for one run folder; writes <run_dir>/eval.json. c: the settings (a dict)."""
     if run_dir.endswith('.pt'):  # a checkpoint file: its folder is the run
         run_dir = os.path.dirname(run_dir) or '.'
-    dev = resolve_device(c['device'])
-    autocast = autocast_for(dev, c['dtype'])
-    model, ckpt = load_checkpoint(run_dir, dev)
+    dev = resolve_device(c.device)
+    autocast = autocast_for(dev, c.dtype)
+    run = load_run(run_dir, dev)
+    model, ckpt, path = run.model, run.ckpt, run.ckpt['path']
     objective, meta, cfg = ckpt['objective'], ckpt['meta'], ckpt['config']
     char = meta['tokenizer'] == 'char'
     L = model.cfg.block_size
-    ddir = resolve_data_dir(ckpt, c['data_dir'])
+    ddir = resolve_data_dir(ckpt, c.data_dir)
     dmeta = load_meta(ddir, cfg['dataset'])
-    check_same_vocab(dmeta, meta, os.path.join(ddir, cfg['dataset']))
-    data = TokenData(ddir, cfg['dataset'], c['split'], dmeta)
+    check_same_data(dict(dmeta, fingerprint=fingerprint(ddir, cfg['dataset'], dmeta)), meta, path)
+    data = TokenData(ddir, cfg['dataset'], c.split, dmeta)
     res = {'run': os.path.abspath(run_dir), 'objective': objective, 'ckpt_step': ckpt['step'],
            'ckpt_mtime': os.path.getmtime(os.path.join(run_dir, 'ckpt.pt')),
            'schedule': cfg.get('schedule') if objective == 'diffusion' else None,
@@ -682,31 +659,31 @@ def evaluate_run(run_dir, c, log=print):
            'notes': []}
     log(f"evaluating {run_dir}: {objective}, step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters, "
         f"on {dev}")
-    want_samples = c['num_samples'] > 0 and c['sample_seeds'] > 0
-    ref_model = load_ref(c['ref'], dev, autocast) if want_samples else None   # fail early on a bad --ref
-    w = split_windows(data, L, c['max_tokens'])
+    want_samples = c.num_samples > 0 and c.sample_seeds > 0
+    ref_model = load_ref(c.ref, dev, autocast) if want_samples else None   # fail early on a bad --ref
+    w = split_windows(data, L, c.max_tokens)
     res['likelihood'] = likelihood(model, objective, w, c, char, autocast)
-    res['likelihood'].update(split=c['split'], data=os.path.join(ddir, cfg['dataset']))
+    res['likelihood'].update(split=c.split, data=os.path.join(ddir, cfg['dataset']))
     # zero-shot WikiText-2 for BPE models
-    if c['wikitext'] and meta['tokenizer'] == 'gpt2':
+    if c.wikitext and meta['tokenizer'] == 'gpt2':
         wmeta_path = os.path.join(ddir, 'wikitext2', 'meta.json')
         if os.path.exists(wmeta_path):
             wmeta = load_meta(ddir, 'wikitext2')
-            check_same_vocab(wmeta, meta, os.path.join(ddir, 'wikitext2'))
+            check_same_data(wmeta, dict(meta, fingerprint=None), path)
             wsplit = 'test' if 'test' in wmeta.get('splits', {}) else 'val'
             wdata = TokenData(ddir, 'wikitext2', wsplit, wmeta)
-            res['wikitext2'] = likelihood(model, objective, split_windows(wdata, L, c['max_tokens']), c, False,
+            res['wikitext2'] = likelihood(model, objective, split_windows(wdata, L, c.max_tokens), c, False,
                                           autocast, curve=False)
             res['wikitext2']['split'] = wsplit
         else:
             res['notes'].append(f"WikiText-2 skipped: not prepared at {os.path.join(ddir, 'wikitext2')} "
                                 "(python prepare.py --dataset=wikitext2)")
-    elif c['wikitext'] and char:
+    elif c.wikitext and char:
         res['notes'].append("WikiText-2 skipped: character-level model (zero-shot WikiText-2 is for GPT-2 BPE models)")
     # sample quality and the seed's validation block
     samples = None
     if want_samples:
-        samples = sample_quality(model, objective, meta, data, ref_model, c, cfg.get('schedule') or 'linear')
+        samples = sample_quality(model, objective, meta, data, ref_model, c, getattr(run.objective, 'schedule', None))
         res['samples'] = samples
     if objective == 'diffusion':
         res['seed_block'] = seed_block(res['likelihood'], samples)
@@ -829,7 +806,7 @@ def compare_dirs(spec):
 def cached_or_evaluate(run_dir, c, explicit, log=print):
     """eval.json when it matches the checkpoint's step and every setting given explicitly."""
     path = os.path.join(run_dir, 'eval.json')
-    if not c['recompute'] and os.path.exists(path):
+    if not c.recompute and os.path.exists(path):
         with open(path) as f:
             try:
                 res = jsonlib.load(f)
@@ -947,10 +924,10 @@ def plots(rows, report, log=print):
 
 
 def run_compare(c, explicit, log=print):
-    dirs = compare_dirs(c['compare'])
+    dirs = compare_dirs(c.compare)
     results = [cached_or_evaluate(d, c, explicit, log) for d in dirs]
     rows = [row_of(r) for r in results]
-    report = c['report_dir'] or os.path.join('out', 'compare')
+    report = c.report_dir or os.path.join('out', 'compare')
     os.makedirs(report, exist_ok=True)
     table = markdown_table(rows)
     atomic_write_text(table, os.path.join(report, 'compare.md'))
@@ -962,24 +939,34 @@ def run_compare(c, explicit, log=print):
     return rows
 
 
+RULES = {'split': one_of(('train', 'val', 'test')), 'max_tokens': at_least(0), 'batch_size': at_least(1),
+         'passes': at_least(2), 't_min': in_range(0, 1, hi_open=True), 'curve_points': at_least(0),
+         'curve_tokens': at_least(1), 'num_samples': at_least(0), 'sample_seeds': at_least(0),
+         'sampler': one_of(('',) + sample.SAMPLERS), 'dtype': one_of(('auto', 'float32', 'bfloat16')),
+         **{k: v for k, v in sample.RULES.items() if k in ('steps', 'temperature', 'top_k', 'top_p', *SAMPLER_OPTIONS)}}
+
+
+def default_settings():
+    """This script's settings plus sample.py's sampler options, with their defaults."""
+    return dict(settings_of(globals()), **{k: getattr(sample, k) for k in SAMPLER_OPTIONS})
+
+
 def main():
-    cfg = configure(globals(), argv=fold_compare(sys.argv[1:]), choices={
-        'sampler': tuple(sample.SAMPLERS), 'dtype': ('auto', 'float32', 'bfloat16'),
-        'split': ('train', 'val', 'test')}, verbose=False)
-    c = dict(cfg)
-    if c['compare']:
-        rows = run_compare(c, cfg.explicit)
-        if c['json']:
-            write_json(rows, c['json'])
+    c = configure(default_settings(), argv=fold_compare(sys.argv[1:]), rules=RULES, sources=[__file__, sample.__file__],
+                  verbose=False)
+    if c.compare:
+        rows = run_compare(c, c.explicit)
+        if c.json:
+            write_json(rows, c.json)
         return
-    if not c['out_dir']:
+    if not c.out_dir:
         raise UserError("pass --out_dir=DIR (a run folder made by diffusion.py or gpt.py), or --compare DIR1 DIR2 ...",
                         EXIT_USAGE)
-    res = evaluate_run(c['out_dir'], c)
+    res = evaluate_run(c.out_dir, c)
     print(summary_text(res))
-    if c['json']:
-        write_json(res, c['json'])
-        print(f"wrote {c['json']}")
+    if c.json:
+        write_json(res, c.json)
+        print(f"wrote {c.json}")
 
 
 if __name__ == '__main__':

@@ -12,26 +12,25 @@ differs, the five differences listed in the README:
   3. next-token cross-entropy                -> GPTObjective.loss
   4. every position counts in the loss       -> GPTObjective.loss
   5. left-to-right generation with KV cache  -> generate()
+A copy of this file that imports a copy of diffusion.py (`import my_diffusion as diffusion`)
+trains and samples with the copy's model.
 """
 import torch
 import torch.nn.functional as F
 
 import diffusion
-from diffusion import KVCache, configure, filter_logits, run_cli, train
+from diffusion import Config, KVCache, build_model, configure, filter_logits, run_cli, train  # noqa: F401 (load_run)
 
-# -----------------------------------------------------------------------------
-# settings: every shared setting of diffusion.py (units and allowed values are listed there),
-# with these defaults changed. The diffusion-only ones (schedule, masking, ...) are absent.
-globals().update(diffusion.shared_settings())
-out_dir = ''                    # '' = out/gpt-<dataset>
-# -----------------------------------------------------------------------------
+# settings: diffusion.py's, less its diffusion block, with these defaults changed
+DEFAULTS = dict(diffusion.shared_settings(), out_dir='')   # out_dir '' = out/gpt-<dataset>
+RULES = {k: v for k, v in diffusion.RULES.items() if k in DEFAULTS}
 
 
 class GPTObjective:
     name = 'gpt'
     causal = True                                   # difference 2
 
-    def __init__(self, c, n_tokens, vocab_size, micro_total):
+    def __init__(self, c, meta):
         self.c = c
 
     def loss(self, model, window, step, micro):
@@ -46,9 +45,17 @@ class GPTObjective:
         losses = [self.loss(model, window, 0, 0) for window in batches]
         return {'val_loss': torch.stack(losses).mean().item()}
 
-    def sample(self, model, tokenizer):
-        import sample
-        return sample.sample_text(model, tokenizer, 'gpt')
+    def sample(self, model, tokenizer, n=None, seed=1337):
+        """One sample of n tokens (default block_size) from the EOT (or first) token, as text."""
+        dev = next(model.parameters()).device
+        prompt = torch.tensor([[tokenizer.eot_id or 0]], device=dev)
+        for _, x, _ in generate(model, prompt, (n or model.cfg.block_size) - 1,
+                                generator=torch.Generator(dev).manual_seed(seed)):
+            pass
+        return tokenizer.decode(x[0].tolist())
+
+
+OBJECTIVE = GPTObjective   # what diffusion.load_run builds for this script's checkpoints
 
 
 @torch.no_grad()
@@ -100,9 +107,7 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 
 
 def main():
-    cfg = configure(globals(), choices={k: v for k, v in diffusion.CHOICES.items()
-                                        if k not in diffusion.DIFFUSION_ONLY})
-    train(cfg, GPTObjective)
+    train(configure(dict(DEFAULTS), rules=RULES, sources=[diffusion.__file__, __file__]), GPTObjective, __file__)
 
 
 if __name__ == '__main__':

@@ -39,11 +39,10 @@ import urllib.parse
 import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 
-from diffusion import EXIT_RESUMABLE, UserError, atomic_write_text, configure, gpt2_encoding, run_cli
+from diffusion import EXIT_RESUMABLE, UserError, atomic_write_text, configure, gpt2_encoding, one_of, run_cli
 
 # -----------------------------------------------------------------------------
 dataset = 'shakespeare_char'    # which dataset to prepare: shakespeare_char | shakespeare | fineweb_edu | tinystories | wikitext2
@@ -698,8 +697,7 @@ DATASETS = {'shakespeare_char': prepare_shakespeare_char,
 def main(argv=None):
     """Settings are applied to a copy of this module's globals, so main can be called again
     (tests do) without one call's settings leaking into the next."""
-    cfg = configure(dict(globals()), argv, choices={'dataset': tuple(DATASETS)}, verbose=False)
-    c = SimpleNamespace(**cfg)
+    c = configure(dict(globals()), argv, rules={'dataset': one_of(DATASETS)}, verbose=False)
     if c.entropy:
         make_entropy(c)
     else:

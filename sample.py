@@ -47,14 +47,17 @@ a batch of N equals N single runs with seeds seed..seed+N-1, and runs are determ
 """
 import json
 import math
+import os
 import re
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from diffusion import (EXIT_USAGE, Schedule, Tokenizer, UserError, atomic_write_text, configure, filter_logits,
-                       load_checkpoint, resolve_device, run_cli)
+from diffusion import (EXIT_USAGE, Schedule, UserError, all_logits, at_least, atomic_write_text, configure, generate,
+                       in_range, load_run, one_of, print0, resolve_device, run_cli, sample_categorical, time_grid,
+                       uniform)
 
 # -----------------------------------------------------------------------------
 out_dir = ''                    # run folder holding ckpt.pt (diffusion.py or gpt.py)
@@ -81,34 +84,13 @@ REMASK_SCORES = ('max_prob', 'margin', 'neg_entropy')
 REMDM_MODES = ('cap', 'rescale')
 SAMPLER_OPTIONS = ('schedule', 'threshold', 'remask_score', 'remdm_mode', 'remdm_eta', 'stride')
 PLACEHOLDER = re.compile(r'\[MASK(?::(\d+))?\]')   # [MASK] = 1 token, [MASK:N] = N tokens
+RULES = {'sampler': one_of(SAMPLERS), 'remask_score': one_of(REMASK_SCORES), 'remdm_mode': one_of(REMDM_MODES),
+         'steps': at_least(1), 'num_samples': at_least(1), 'max_new_tokens': at_least(-1), 'temperature': at_least(0.0),
+         'top_k': at_least(0), 'top_p': in_range(1e-9, 1), 'threshold': in_range(1e-9, 1), 'remdm_eta': at_least(0.0),
+         'stride': at_least(0)}
 
 # -----------------------------------------------------------------------------
 # building blocks shared by the samplers
-
-
-def sample_categorical(logits, gen, temperature=1.0, top_k=0, top_p=1.0):
-    """(M, V) logits -> (M,) ids. Gumbel-max in float64 (exact categorical sampling; float32
-    noise would lower the effective temperature, Zheng et al. 2024). temperature 0 = argmax.
-    gen: this sample's own generator, so the draw does not depend on the rest of the batch."""
-    if temperature == 0 or logits.size(0) == 0:
-        return logits.argmax(-1)
-    z = filter_logits(logits.double() / temperature, top_k, top_p)
-    u = torch.rand(z.shape, generator=gen, dtype=torch.float64, device=gen.device).to(z.device)
-    return (z - torch.log(-torch.log(u))).argmax(-1)            # u in [0, 1): u = 0 gives -inf
-
-
-def uniform(n, gen, device):
-    """n float64 uniforms from one sample's generator."""
-    return torch.rand(n, generator=gen, dtype=torch.float64, device=gen.device).to(device)
-
-
-def forward(model, x):
-    """Logits (B, T, V) float32 at every position of the window x (B, T). Time-conditioned
-    models get the fraction of masked positions, which depends on x only (so caching stays exact).
-    Every position's logits are computed (no select=): the matmul shapes then do not depend on how
-    many positions are masked, which keeps a batch bitwise equal to single runs on CPU."""
-    mask_rate = (x == model.cfg.mask_id).float().mean(1)
-    return model(x, mask_rate=mask_rate).float()
 
 
 def confidence_score(logits, kind):
@@ -124,10 +106,6 @@ def confidence_score(logits, kind):
         return (p * logp.masked_fill(p == 0, 0)).sum(-1)
     raise UserError(f"remask_score={kind!r}: use one of {', '.join(REMASK_SCORES)}", EXIT_USAGE)
 
-
-def time_grid(steps):
-    """Times 1 = t_0 > t_1 > ... > t_steps = 0, uniform as in MDLM: float64 (steps + 1,)."""
-    return 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
 
 # -----------------------------------------------------------------------------
 # diffusion samplers: each takes a window x (B, W) with MASK where tokens are wanted (every other
@@ -151,7 +129,7 @@ def confidence_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.
         keep = torch.ceil(n0 * math.cos(math.pi / 2 * step / steps)).long()  # (B,) still masked after
         if step == steps:
             keep = torch.zeros_like(keep)  # cos(pi/2) is 6e-17, not 0: reveal everything at the end
-        logits = forward(model, x)                                      # (B, W, V)
+        logits = all_logits(model, x)                                      # (B, W, V)
         new = x.clone()
         for i, gen in enumerate(gens):
             pos = masked[i].nonzero().squeeze(1)                        # (M,)
@@ -167,60 +145,14 @@ def confidence_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.
         yield step, x, changed
 
 
-@torch.no_grad()
-def ancestral_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, schedule='linear',
-                      cache=False, **_):
-    """MDLM ancestral sampling, t from 1 to 0 in `steps` uniform steps. From t to s < t each
-    masked token is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) (MDLM eq. 7 with
-    the SUBS parameterisation: revealed tokens stay), its value drawn from the model by float64
-    Gumbel-max. Deciding reveal first, then the token, is the same categorical over V + 1
-    outcomes as MDLM's single draw, and draws noise only where a token is revealed.
-    cache=True: reuse the last logits of a row whose tokens did not change (MDLM's caching);
-    the random draws are the same either way, so the output is identical."""
-    mask_id = model.cfg.mask_id
-    sched = Schedule(schedule)
-    alphas = sched.alpha(time_grid(steps)).tolist()                     # alpha(t_k), k = 0..steps
-    x = x.clone()
-    logits, stale = None, torch.ones(x.size(0), dtype=torch.bool)       # stale: rows needing a pass
-    step = 0
-
-    def refresh():
-        nonlocal logits
-        if not cache or logits is None:
-            logits = forward(model, x)
-        elif stale.any():
-            rows = stale.nonzero().squeeze(1).to(x.device)
-            logits[rows] = forward(model, x[rows])
-        stale.fill_(False)
-
-    for step in range(1, steps + 1):
-        masked = x == mask_id
-        if not masked.any():
-            break
-        a_t, a_s = alphas[step - 1], alphas[step]
-        p_reveal = min(max((a_s - a_t) / (1 - a_t), 0.0), 1.0) if a_t < 1 else 1.0
-        refresh()
-        new = x.clone()
-        for i, gen in enumerate(gens):
-            pos = masked[i].nonzero().squeeze(1)
-            if pos.numel() == 0:
-                continue
-            rev = pos[uniform(pos.numel(), gen, x.device) < p_reveal]
-            new[i, rev] = sample_categorical(logits[i, rev], gen, temperature, top_k, top_p)
-        changed = new != x
-        stale |= changed.any(1).cpu()
-        x = new
-        yield step, x, changed
-    masked = x == mask_id
-    if masked.any():  # alpha(0) < 1 (e.g. clipped_cosine) leaves masks at t = 0: fill them greedily
-        refresh()
-        x = torch.where(masked, logits.argmax(-1), x)
-        yield step + 1, x, masked
+def ancestral_sampler(model, x, steps, gens, **kw):
+    """MDLM's reverse process: diffusion.generate, the sampler the training script itself uses."""
+    return generate(model, x, steps, gens, **dict(kw, cache=False))
 
 
 def ancestral_cache_sampler(model, x, steps, gens, **kw):
-    """ancestral_sampler with the forward pass skipped for rows that did not change."""
-    return ancestral_sampler(model, x, steps, gens, **dict(kw, cache=True))
+    """The same samples with the forward pass skipped for rows that did not change."""
+    return generate(model, x, steps, gens, **dict(kw, cache=True))
 
 
 def reveal_counts(n, steps):
@@ -237,7 +169,7 @@ def reveal_most_confident(model, x, steps, gens, how_many, score, temperature, t
         masked = x == mask_id
         if not masked.any():
             break
-        logits = forward(model, x)
+        logits = all_logits(model, x)
         new = x.clone()
         for i, gen in enumerate(gens):
             pos = masked[i].nonzero().squeeze(1)
@@ -281,8 +213,8 @@ def threshold_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0
 
 
 @torch.no_grad()
-def remdm_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, schedule='linear',
-                  remdm_mode='cap', remdm_eta=0.02, **_):
+def remdm_sampler(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top_p=1.0, remdm_mode='cap',
+                  remdm_eta=0.02, **_):
     """ReMDM (Wang et al. 2025, eq. 5): from t to s, a token this window revealed is remasked with
     probability sigma_t and a masked token is revealed with probability
     (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t), where sigma_t <= sigma_max =
@@ -291,7 +223,7 @@ def remdm_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, sc
     if remdm_mode not in REMDM_MODES:
         raise UserError(f"remdm_mode={remdm_mode!r}: use one of {', '.join(REMDM_MODES)}", EXIT_USAGE)
     mask_id = model.cfg.mask_id
-    alphas = Schedule(schedule).alpha(time_grid(steps)).tolist()
+    alphas = schedule.alpha(time_grid(steps)).tolist()
     x = x.clone()
     free = x == mask_id                                                 # (B, W) positions this window generates
     step = 0
@@ -302,7 +234,7 @@ def remdm_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, sc
         sigma = min(remdm_eta, sigma_max) if remdm_mode == 'cap' else remdm_eta * sigma_max
         sigma = max(sigma, 0.0)
         p_reveal = min(max((a_s - (1 - sigma) * a_t) / (1 - a_t), 0.0), 1.0) if a_t < 1 else 1.0
-        logits = forward(model, x)
+        logits = all_logits(model, x)
         new = x.clone()
         for i, gen in enumerate(gens):
             pos = masked[i].nonzero().squeeze(1)
@@ -315,7 +247,7 @@ def remdm_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, sc
         yield step, x, changed
     masked = x == mask_id
     if masked.any():
-        x = torch.where(masked, forward(model, x).argmax(-1), x)
+        x = torch.where(masked, all_logits(model, x).argmax(-1), x)
         yield step + 1, x, masked
 
 
@@ -328,31 +260,14 @@ assert tuple(SAMPLER_FNS) == SAMPLERS
 # the entry point: prompt handling, long texts, GPT
 
 
-def check_options(sampler, steps, num_samples, temperature, top_k, top_p, opts):
-    """One-line errors for settings no sampler can use."""
-    def bad(msg):
-        raise UserError(msg, EXIT_USAGE)
-    unknown = set(opts) - set(SAMPLER_OPTIONS)
+def check_options(**opts):
+    """frames()'s options checked by the same RULES as the command line's."""
+    unknown = set(opts) - set(RULES) - set(SAMPLER_OPTIONS)
     if unknown:
         raise TypeError(f"frames() got unknown options {sorted(unknown)}; known: {', '.join(SAMPLER_OPTIONS)}")
-    if sampler not in SAMPLER_FNS:
-        bad(f"sampler={sampler!r}: use one of {', '.join(SAMPLERS)}")
-    if steps < 1:
-        bad(f"steps={steps}: need at least 1")
-    if num_samples < 1:
-        bad(f"num_samples={num_samples}: need at least 1")
-    if temperature < 0:
-        bad(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if top_k < 0:
-        bad(f"top_k={top_k}: must be >= 0 (0 = all tokens)")
-    if not 0 < top_p <= 1:
-        bad(f"top_p={top_p}: must be in (0, 1]")
-    if not 0 < opts.get('threshold', 0.9) <= 1:
-        bad(f"threshold={opts['threshold']}: must be in (0, 1]")
-    if opts.get('remdm_eta', 0.0) < 0:
-        bad(f"remdm_eta={opts['remdm_eta']}: must be >= 0")
-    if opts.get('remask_score', 'max_prob') not in REMASK_SCORES:
-        bad(f"remask_score={opts['remask_score']!r}: use one of {', '.join(REMASK_SCORES)}")
+    for k, v in opts.items():
+        if k in RULES and not RULES[k][0](v):
+            raise UserError(f"{k}={v!r}: must be {RULES[k][1]}", EXIT_USAGE)
 
 
 def window_start(n, first_masked, block_size, stride):
@@ -371,10 +286,11 @@ def frames(model, objective, prompt, max_new_tokens, *, num_samples=1, sampler='
     with MASK where not yet revealed (GPT: the tokens so far), changed (num_samples, N) bool.
     Sample i uses its own generator seeded seed + i. stats: optional dict; stats['nfe'] counts
     forward passes of the model (one batched call = 1). opts (diffusion): schedule (the
-    checkpoint's ckpt['config']['schedule'], for ancestral and remdm; default linear),
+    run's objective.schedule, a diffusion.Schedule, for ancestral and remdm; default linear),
     threshold, remask_score, remdm_mode, remdm_eta, stride."""
-    check_options(sampler, steps, num_samples, temperature, top_k, top_p, opts)
-    opts['schedule'] = opts.get('schedule') or 'linear'
+    check_options(sampler=sampler, steps=steps, num_samples=num_samples, temperature=temperature, top_k=top_k,
+                  top_p=top_p, **opts)
+    opts['schedule'] = opts.get('schedule') or Schedule('linear')
     dev = next(model.parameters()).device
     gen_dev = 'cpu' if dev.type == 'mps' and objective != 'gpt' else dev  # MPS has no float64 (diffusion noise)
     gens = [torch.Generator(device=gen_dev).manual_seed(seed + i) for i in range(num_samples)]
@@ -448,13 +364,22 @@ def generate_tokens(model, objective, prompt, max_new_tokens, **kw):
                'tokens_per_s': n_new / max(dt, 1e-9)}
 
 
-def sample_text(model, tokenizer, objective, n=None, seed=1337, schedule=None):
-    """One sample of n tokens (default block_size) as text: used at the end of training."""
-    n = n or model.cfg.block_size
-    prompt = [] if objective == 'diffusion' else [tokenizer.eot_id or 0]
-    x, _ = generate_tokens(model, objective, prompt, n - len(prompt), seed=seed, sampler=sampler,
-                           steps=min(steps, n), schedule=schedule or 'linear')
-    return tokenizer.decode(x[0].tolist())
+class Progress:
+    """Long texts: a line on stderr every `every` seconds with the tokens done and an ETA."""
+    def __init__(self, objective, prompt, n_new, mask_id, every=10.0):
+        self.objective, self.n_prompt, self.n_new, self.mask_id, self.every = objective, len(prompt), n_new, mask_id, every
+        self.context = len(prompt) - list(prompt).count(mask_id)          # fixed tokens that are not new
+        self.t0 = self.t_note = time.time()
+
+    def update(self, x):
+        """x: (B, N) the tokens so far (a frame of frames())."""
+        now = time.time()
+        if now - self.t_note < self.every:
+            return
+        done = x.size(1) - self.n_prompt if self.objective == 'gpt' else int((x[0] != self.mask_id).sum()) - self.context
+        eta = (self.n_new - done) * (now - self.t0) / max(done, 1)
+        print0(f"... {done}/{self.n_new} tokens in {now - self.t0:.0f} s, eta {eta:.0f} s", file=sys.stderr)
+        self.t_note = now
 
 
 def encode_prompt(tokenizer, text):
@@ -480,52 +405,52 @@ def write_trace(path, tokenizer, recorded, meta):
 
 
 def main():
-    configure(globals(), choices={'sampler': SAMPLERS, 'remask_score': REMASK_SCORES, 'remdm_mode': REMDM_MODES},
-              verbose=False)
-    if not out_dir:
+    c = configure(globals(), rules=RULES, verbose=False)
+    if not c.out_dir:
         raise UserError("pass --out_dir=DIR, a run folder made by diffusion.py or gpt.py", EXIT_USAGE)
-    dev = resolve_device(device)
-    model, ckpt = load_checkpoint(out_dir, dev)
-    objective = ckpt['objective']
-    tok = Tokenizer(ckpt['meta'])
-    text = start
+    if c.trace and not os.path.isdir(os.path.dirname(os.path.abspath(c.trace))):
+        raise UserError(f"--trace={c.trace}: folder {os.path.dirname(os.path.abspath(c.trace))} does not exist", EXIT_USAGE)
+    run = load_run(c.out_dir, resolve_device(c.device))
+    model, objective, tok = run.model, run.ckpt['objective'], run.tokenizer
+    text = c.start
     if text.startswith('FILE:'):
         try:
             with open(text[5:], encoding='utf-8') as f:
                 text = f.read()
-        except OSError as e:
-            raise UserError(f"cannot read prompt file {text[5:]}: {e.strerror}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompt file {text[5:]}: {getattr(e, 'strerror', None) or e}") from None
     prompt = encode_prompt(tok, text)
     infill = tok.mask_id in prompt
     if objective == 'gpt' and not prompt:
         prompt = [tok.eot_id if tok.eot_id is not None else 0]  # GPT needs one token to start from
-    n = max_new_tokens
+    n = c.max_new_tokens
     if n < 0:  # auto: fill the block after the prompt (half a block past a long prompt); infill only
         n = 0 if infill else max(model.cfg.block_size - len(prompt), model.cfg.block_size // 2)
-    kw = dict(num_samples=num_samples, sampler=sampler, steps=steps, temperature=temperature, top_k=top_k,
-              top_p=top_p, seed=seed, schedule=ckpt['config'].get('schedule', 'linear'), threshold=threshold,
-              remask_score=remask_score, remdm_mode=remdm_mode, remdm_eta=remdm_eta, stride=stride)
-    stats = {'nfe': 0}
-    recorded = []
+    kw = dict(num_samples=c.num_samples, sampler=c.sampler, steps=c.steps, temperature=c.temperature, top_k=c.top_k,
+              top_p=c.top_p, seed=c.seed, threshold=c.threshold, remask_score=c.remask_score, remdm_mode=c.remdm_mode,
+              remdm_eta=c.remdm_eta, stride=c.stride, schedule=getattr(run.objective, 'schedule', None))
+    stats, recorded = {'nfe': 0}, []
     t0, x = time.time(), None
+    n_new = n + (prompt.count(tok.mask_id) if infill else 0)
+    progress = Progress(objective, prompt, n_new, tok.mask_id)
     for step, x, ch in frames(model, objective, prompt, n, stats=stats, **kw):
-        if trace:
+        if c.trace:
             recorded.append((step, x.cpu(), ch.cpu()))
+        progress.update(x)
     if x is None:
         raise UserError("nothing to generate: pass --max_new_tokens > 0 or a prompt with [MASK] spans", EXIT_USAGE)
     dt = time.time() - t0
-    for i in range(num_samples):
+    for i in range(c.num_samples):
         print(tok.decode(x[i].tolist()))
         print('-' * 60)
-    n_new = n + (prompt.count(tok.mask_id) if infill else 0)
-    how = 'gpt (KV cache)' if objective == 'gpt' else f'diffusion {sampler}, {steps} steps/window'
-    print(f"{how}: {num_samples} x {n_new} tokens, NFE {stats['nfe']} forward passes, {dt:.2f} s, "
-          f"{num_samples * n_new / max(dt, 1e-9):,.0f} tokens/s")
-    if trace:
-        write_trace(trace, tok, recorded, {'objective': objective, 'sampler': sampler if objective != 'gpt' else 'gpt',
-                                           'steps': steps, 'seed': seed, 'mask_id': tok.mask_id,
-                                           'prompt_len': len(prompt), 'nfe': stats['nfe'], 'seconds': dt})
-        print(f"trace: {len(recorded)} frames -> {trace}")
+    how = 'gpt (KV cache)' if objective == 'gpt' else f'diffusion {c.sampler}, {c.steps} steps/window'
+    print(f"{how}: {c.num_samples} x {n_new} tokens, NFE {stats['nfe']} forward passes, {dt:.2f} s, "
+          f"{c.num_samples * n_new / max(dt, 1e-9):,.0f} tokens/s")
+    if c.trace:
+        write_trace(c.trace, tok, recorded, {'objective': objective, 'sampler': c.sampler if objective != 'gpt' else 'gpt',
+                                             'steps': c.steps, 'seed': c.seed, 'mask_id': tok.mask_id,
+                                             'prompt_len': len(prompt), 'nfe': stats['nfe'], 'seconds': dt})
+        print(f"trace: {len(recorded)} frames -> {c.trace}")
 
 
 if __name__ == '__main__':

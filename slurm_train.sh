@@ -35,7 +35,7 @@
 # (--open-mode=append); each start is also listed in out_dir/slurm_jobs.txt.
 #
 # Array mode: task i of --array=0-11 trains schedule SCHEDULES[i // 2] (linear, cosine, loglinear,
-# ... as listed in diffusion.py) with masking ('uniform', 'entropy')[i % 2], in its default
+# ... as listed in the script) with masking list(MASKINGS)[i % 2] (uniform, entropy), in its default
 # out_dir out/diffusion-<dataset>-<schedule>-<masking> (with --out_dir=D: D/<schedule>-<masking>).
 # Entropy masking needs <data_dir>/<dataset>/entropy.npy first: train a GPT (SCRIPT=gpt.py), then
 # python prepare.py --entropy --ref=out/gpt-<dataset> --dataset=<dataset>.
@@ -186,24 +186,23 @@ def main():
     module = __import__(name)
     extra = []
     if index:
-        matrix = list(itertools.product(diffusion.SCHEDULES, diffusion.CHOICES['masking']))
-        if name != 'diffusion':
-            raise diffusion.UserError("array mode trains diffusion.py's schedule x masking matrix; "
-                                      "unset SCRIPT", 2)
+        if not hasattr(module, 'SCHEDULES'):
+            raise diffusion.UserError(f"array mode trains a diffusion script's schedule x masking matrix; {script} "
+                                      "has none (unset SCRIPT)", 2)
+        matrix = list(itertools.product(module.SCHEDULES, module.MASKINGS))   # the script's own registries
         if not index.isdigit() or int(index) >= len(matrix):
             raise diffusion.UserError(f"array index {index} is outside the matrix: submit with "
                                       f"--array=0-{len(matrix) - 1}", 2)
         extra = ['--schedule=%s' % matrix[int(index)][0], '--masking=%s' % matrix[int(index)][1]]
-    g = vars(module)
-    choices = {k: v for k, v in diffusion.CHOICES.items() if k in diffusion.settings_of(g)}
-    cfg = diffusion.configure(g, args + extra, choices=choices, verbose=False)
-    if cfg['gradient_accumulation_steps'] % world:  # train() checks it too, but only after startup
-        raise diffusion.UserError(f"--gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be "
+    defaults = dict(getattr(module, 'DEFAULTS', None) or diffusion.settings_of(vars(module)))
+    cfg = diffusion.configure(defaults, args + extra, rules=module.RULES, verbose=False)
+    if cfg.gradient_accumulation_steps % world:  # train() checks it too, but only after startup
+        raise diffusion.UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be "
                                   f"a multiple of the {world} processes (it counts the micro-batches of "
                                   "the global batch, over all processes)", 2)
-    out_dir = cfg['out_dir'] or diffusion.default_out_dir(cfg, name)
-    if extra and cfg['out_dir']:  # one --out_dir for the whole array: a folder per task inside it
-        out_dir = os.path.join(out_dir, f"{cfg['schedule']}-{cfg['masking']}")
+    out_dir = cfg.out_dir or diffusion.default_out_dir(cfg, module.OBJECTIVE.name)
+    if extra and cfg.out_dir:  # one --out_dir for the whole array: a folder per task inside it
+        out_dir = os.path.join(out_dir, f"{cfg.schedule}-{cfg.masking}")
     print('\n'.join([out_dir] + extra))
 
 diffusion.run_cli(main)

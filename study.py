@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from diffusion import SCHEDULES, Schedule, UserError, configure, run_cli
+from diffusion import MASKINGS, SCHEDULES, Schedule, UserError, configure, run_cli
 
 # -----------------------------------------------------------------------------
 runs_dir = 'out/study'          # one folder per run: diffusion-<schedule>-<masking>-s<seed>, gpt-s<seed>
@@ -29,7 +29,7 @@ results_dir = 'results'         # comparison table (markdown + JSON) and plots
 dataset = 'shakespeare_char'    # prepared by prepare.py
 data_dir = 'data'
 schedules = ','.join(SCHEDULES) # comma-separated subset of the six
-maskings = 'uniform,entropy'    # comma-separated
+maskings = ','.join(MASKINGS)   # comma-separated subset of MASKINGS
 seeds = 3                       # seeds per cell: 0, 1, ...
 jobs = 2                        # training processes at once (one per CPU core)
 threads = 1                     # torch threads per process
@@ -50,9 +50,9 @@ eval_args = '--passes=2 --max_tokens=32768 --curve_points=5 --curve_tokens=8192 
 # -----------------------------------------------------------------------------
 
 
-def run(cmd, log_path=None):
+def run(c, cmd, log_path=None):
     """Run a command; its output goes to log_path (or ours). Raises on failure with the log's tail."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
+    env = dict(os.environ, OMP_NUM_THREADS=str(c.threads), PYTHONUNBUFFERED='1')
     t0 = time.time()
     if log_path:
         with open(log_path, 'a') as f:
@@ -65,11 +65,11 @@ def run(cmd, log_path=None):
     return time.time() - t0
 
 
-def common_args():
-    return [f'--dataset={dataset}', f'--data_dir={data_dir}', f'--n_layer={n_layer}', f'--n_head={n_head}',
-            f'--n_embd={n_embd}', f'--block_size={block_size}', f'--batch_size={batch_size}',
-            f'--max_iters={max_iters}', f'--learning_rate={learning_rate}', f'--eval_interval={eval_interval}',
-            f'--eval_iters={eval_iters}', f'--device={device}', '--sample_at_end=false', '--init_from=auto',
+def common_args(c):
+    return [f'--dataset={c.dataset}', f'--data_dir={c.data_dir}', f'--n_layer={c.n_layer}', f'--n_head={c.n_head}',
+            f'--n_embd={c.n_embd}', f'--block_size={c.block_size}', f'--batch_size={c.batch_size}',
+            f'--max_iters={c.max_iters}', f'--learning_rate={c.learning_rate}', f'--eval_interval={c.eval_interval}',
+            f'--eval_iters={c.eval_iters}', f'--device={c.device}', '--sample_at_end=false', '--init_from=auto',
             '--log_interval=50']
 
 
@@ -78,11 +78,11 @@ def finished(out_dir):
     return os.path.exists(path) and json.load(open(path)).get('status') == 'finished'
 
 
-def train_run(script, out_dir, extra):
+def train_run(c, script, out_dir, extra):
     if finished(out_dir):
         return 0.0
     os.makedirs(out_dir, exist_ok=True)
-    dt = run([sys.executable, script, *common_args(), f'--out_dir={out_dir}', *extra],
+    dt = run(c, [sys.executable, script, *common_args(c), f'--out_dir={out_dir}', *extra],
              os.path.join(out_dir, 'train.out'))
     print(f"  {out_dir}: {dt:.0f} s", flush=True)
     return dt
@@ -184,27 +184,27 @@ def scatter(table, out):
 
 
 def main():
-    configure(globals(), verbose=True)
-    scheds = [s for s in schedules.split(',') if s]
-    masks = [m for m in maskings.split(',') if m]
-    bad = [s for s in scheds if s not in SCHEDULES] + [m for m in masks if m not in ('uniform', 'entropy')]
+    c = configure(globals(), verbose=True)
+    scheds = [s for s in c.schedules.split(',') if s]
+    masks = [m for m in c.maskings.split(',') if m]
+    bad = [s for s in scheds if s not in SCHEDULES] + [m for m in masks if m not in MASKINGS]
     if bad:
         raise UserError(f"unknown schedule or masking {bad}", 2)
     t_start = time.time()
-    gpt_dirs = [os.path.join(runs_dir, f'gpt-s{s}') for s in range(seeds)]
-    diff_dirs = {(sc, m, s): os.path.join(runs_dir, f'diffusion-{sc}-{m}-s{s}')
-                 for sc in scheds for m in masks for s in range(seeds)}
+    gpt_dirs = [os.path.join(c.runs_dir, f'gpt-s{s}') for s in range(c.seeds)]
+    diff_dirs = {(sc, m, s): os.path.join(c.runs_dir, f'diffusion-{sc}-{m}-s{s}')
+                 for sc in scheds for m in masks for s in range(c.seeds)}
     ref = gpt_dirs[0]
-    entropy = os.path.join(data_dir, dataset, 'entropy.npy')
-    if train:
-        print(f"training {len(gpt_dirs)} GPT baselines and {len(diff_dirs)} diffusion runs, {jobs} at a time")
-        with ThreadPoolExecutor(jobs) as pool:
-            list(pool.map(lambda sd: train_run('gpt.py', sd[1], [f'--seed={sd[0]}']), enumerate(gpt_dirs)))
+    entropy = os.path.join(c.data_dir, c.dataset, 'entropy.npy')
+    if c.train:
+        print(f"training {len(gpt_dirs)} GPT baselines and {len(diff_dirs)} diffusion runs, {c.jobs} at a time")
+        with ThreadPoolExecutor(c.jobs) as pool:
+            list(pool.map(lambda sd: train_run(c, 'gpt.py', sd[1], [f'--seed={sd[0]}']), enumerate(gpt_dirs)))
         if 'entropy' in masks and not os.path.exists(entropy):
-            run([sys.executable, 'prepare.py', '--entropy', f'--ref={ref}', f'--dataset={dataset}',
-                 f'--data_dir={data_dir}'])
-        with ThreadPoolExecutor(jobs) as pool:
-            list(pool.map(lambda item: train_run('diffusion.py', item[1],
+            run(c, [sys.executable, 'prepare.py', '--entropy', f'--ref={ref}', f'--dataset={c.dataset}',
+                 f'--data_dir={c.data_dir}'])
+        with ThreadPoolExecutor(c.jobs) as pool:
+            list(pool.map(lambda item: train_run(c, 'diffusion.py', item[1],
                                                  [f'--schedule={item[0][0]}', f'--masking={item[0][1]}',
                                                   f'--seed={item[0][2]}', f'--entropy_file={entropy}']),
                           diff_dirs.items()))
@@ -213,23 +213,23 @@ def main():
     missing = [d for d in all_dirs if not os.path.exists(os.path.join(d, 'ckpt.pt'))]
     if missing:
         raise UserError(f"no checkpoint in {missing[0]} (and {len(missing) - 1} more); run with --train=true")
-    os.makedirs(results_dir, exist_ok=True)
+    os.makedirs(c.results_dir, exist_ok=True)
     def evaluated(d):  # an eval.json newer than the checkpoint: --compare checks its settings too
         e, c = os.path.join(d, 'eval.json'), os.path.join(d, 'ckpt.pt')
         return os.path.exists(e) and os.path.getmtime(e) > os.path.getmtime(c)
-    with ThreadPoolExecutor(jobs) as pool:  # evaluate in parallel; --compare below reuses each eval.json
-        list(pool.map(lambda d: run([sys.executable, 'evaluate.py', f'--out_dir={d}', f'--ref={ref}',
-                                     f'--device={device}', *eval_args.split()], os.path.join(d, 'eval.out')),
+    with ThreadPoolExecutor(c.jobs) as pool:  # evaluate in parallel; --compare below reuses each eval.json
+        list(pool.map(lambda d: run(c, [sys.executable, 'evaluate.py', f'--out_dir={d}', f'--ref={ref}',
+                                     f'--device={c.device}', *c.eval_args.split()], os.path.join(d, 'eval.out')),
                       [d for d in all_dirs if not evaluated(d)]))
-    run([sys.executable, 'evaluate.py', '--compare', *all_dirs, f'--report_dir={results_dir}', f'--device={device}',
-         f'--ref={ref}', *eval_args.split()])
-    summarise(gpt_dirs + list(diff_dirs.values()), results_dir)
+    run(c, [sys.executable, 'evaluate.py', '--compare', *all_dirs, f'--report_dir={c.results_dir}', f'--device={c.device}',
+         f'--ref={ref}', *c.eval_args.split()])
+    summarise(gpt_dirs + list(diff_dirs.values()), c.results_dir)
     total = time.time() - t_start
-    if train:  # the time of a whole study (an evaluation-only rerun would overwrite it with its own)
-        with open(os.path.join(results_dir, 'study_time.json'), 'w') as f:
+    if c.train:  # the time of a whole study (an evaluation-only rerun would overwrite it with its own)
+        with open(os.path.join(c.results_dir, 'study_time.json'), 'w') as f:
             json.dump({'train_seconds': round(t_train), 'total_seconds': round(total), 'runs': len(all_dirs),
-                       'jobs': jobs, 'threads': threads}, f)
-    print(f"study done in {total / 60:.1f} min (training {t_train / 60:.1f} min); see {results_dir}/")
+                       'jobs': c.jobs, 'threads': c.threads}, f)
+    print(f"study done in {total / 60:.1f} min (training {t_train / 60:.1f} min); see {c.results_dir}/")
 
 
 if __name__ == '__main__':

@@ -60,7 +60,7 @@ def test_uniform_mask_rate_matches_one_minus_alpha():
     x = torch.randint(0, 50, (64, 500), generator=torch.Generator().manual_seed(0))
     for t in (0.1, 0.5, 0.9):
         alpha = s.alpha(torch.full((64,), t, dtype=torch.float64))
-        rate = D.draw_mask(x, alpha, D.rng(0, t)).double().mean().item()
+        rate = D.draw_mask(x, D.mask_uniform(x, alpha, None), D.rng(0, t)).double().mean().item()
         p = 1 - math.cos(math.pi / 2 * t)
         se = math.sqrt(p * (1 - p) / x.numel())
         assert abs(rate - p) < 4 * se, (t, rate, p)
@@ -74,7 +74,8 @@ def test_entropy_weighting_shifts_masks_to_low_entropy_tokens():
     x = torch.arange(3).repeat(200_00).view(100, -1)  # equal counts of each id
     for one_minus_alpha in (0.3, 0.8):
         alpha = torch.full((100,), 1 - one_minus_alpha, dtype=torch.float64)
-        mask = D.draw_mask(x, alpha, D.rng(1, one_minus_alpha), w)
+        objective = type('Stub', (), {'entropy_weight': lambda self, device: w})()  # what DiffusionObjective gives
+        mask = D.draw_mask(x, D.mask_entropy(x, alpha, objective), D.rng(1, one_minus_alpha))
         for tok, weight in enumerate((1.5, 1.0, 0.5)):
             p = min(one_minus_alpha * weight, 1.0)  # the spec: (1-alpha) * clamp(2 - ent, .5, 1.5), at most 1
             rate = mask[x == tok].double().mean().item()
@@ -174,7 +175,7 @@ def test_tiny_model_loss_falls(tiny_runs):
     assert ckpt['objective'] == 'diffusion' and ckpt['step'] == 40 and ckpt['config']['schedule'] == 'linear'
 
 
-@pytest.mark.parametrize('masking', ['uniform', 'entropy'])
+@pytest.mark.parametrize('masking', list(D.MASKINGS))
 def test_every_schedule_and_masking_trains(char_data, tmp_path, masking):
     """All six schedules x both maskings run 3 steps in-process and give finite losses."""
     meta = D.load_meta(char_data, 'shakespeare_char')
@@ -185,8 +186,8 @@ def test_every_schedule_and_masking_trains(char_data, tmp_path, masking):
         g = dict(vars(D))
         cfg = D.configure(g, [*TINY, f'--data_dir={char_data}', f'--out_dir={out}', '--max_iters=3',
                               '--eval_interval=3', f'--schedule={name}', f'--masking={masking}',
-                              f'--entropy_file={ent}'], choices=D.CHOICES, verbose=False)
-        D.train(cfg, D.DiffusionObjective)
+                              f'--entropy_file={ent}'], rules=D.RULES, verbose=False)
+        D.train(cfg, D.DiffusionObjective, D.__file__)
         recs = _records(out)
         assert all(math.isfinite(r['loss']) for r in recs if 'loss' in r)
         assert recs[-1]['step'] == 3 and 'val_nelbo' in recs[-1]

@@ -33,7 +33,7 @@ import torch
 
 import diffusion
 import sample
-from diffusion import Tokenizer, UserError, atomic_write_text, configure, load_checkpoint, resolve_device, run_cli
+from diffusion import Tokenizer, UserError, at_least, atomic_write_text, configure, load_run, one_of, resolve_device, run_cli
 
 # -----------------------------------------------------------------------------
 diffusion_dir = ''              # diffusion run folder (holds ckpt.pt); '' = diffusion.py's default out_dir
@@ -126,7 +126,10 @@ def record(model, objective, prompt, new_tokens, dev, **kw):
     sync()
     overhead = 0.0
     t0 = time.perf_counter()
+    progress = sample.Progress(objective, prompt, new_tokens + list(prompt).count(model.cfg.mask_id),
+                               model.cfg.mask_id)
     for step, x, _ in sample.frames(model, objective, prompt, new_tokens, stats=stats, **kw):  # x: (1, N)
+        progress.update(x)
         sync()
         t1 = time.perf_counter()
         frames.append(Frame(step, stats['nfe'], t1 - t0 - overhead, x[0].tolist()))
@@ -136,14 +139,14 @@ def record(model, objective, prompt, new_tokens, dev, **kw):
 
 def default_dir(objective):
     """The out_dir diffusion.py / gpt.py write to when run with their default settings."""
-    return diffusion.default_out_dir(diffusion.settings_of(vars(diffusion)), objective)
+    return diffusion.default_out_dir(diffusion.Config(diffusion.settings_of(vars(diffusion))), objective)
 
 
-def load_runs(dev):
+def load_runs(c, dev):
     """[(objective, out_dir, model, ckpt)] for the models in the race; one clear line when a
     checkpoint is missing, saying which commands make it."""
-    wanted = [('diffusion', diffusion_dir or default_dir('diffusion')), ('gpt', gpt_dir or default_dir('gpt'))]
-    wanted = [w for w in wanted if not (diffusion_only and w[0] == 'gpt') and not (gpt_only and w[0] == 'diffusion')]
+    wanted = [('diffusion', c.diffusion_dir or default_dir('diffusion')), ('gpt', c.gpt_dir or default_dir('gpt'))]
+    wanted = [w for w in wanted if not (c.diffusion_only and w[0] == 'gpt') and not (c.gpt_only and w[0] == 'diffusion')]
     missing = [(obj, d) for obj, d in wanted if not os.path.exists(os.path.join(d, 'ckpt.pt'))
                and not (os.path.isfile(d) and d.endswith('.pt'))]
     if missing:
@@ -154,33 +157,35 @@ def load_runs(dev):
                         f"at a run folder; --diffusion_only/--gpt_only race one model)")
     out = []
     for obj, d in wanted:
-        model, ckpt = load_checkpoint(d, dev)
+        run = load_run(d, dev)
+        ckpt = run.ckpt
         if ckpt['objective'] != obj:
             raise UserError(f"--{obj}_dir={d} holds a {ckpt['objective']} checkpoint; pass it as "
                             f"--{ckpt['objective']}_dir")
-        out.append((obj, d, model, ckpt))
+        out.append((obj, d, run))
     return out
 
 
-def race(dev):
+def race(c, dev):
     """Load the checkpoints and run the race: [Run]."""
-    loaded = load_runs(dev)
+    loaded = load_runs(c, dev)
     plans = []
-    for obj, d, model, ckpt in loaded:
-        tok = Tokenizer(ckpt['meta'])
-        prompt = sample.encode_prompt(tok, start) if start else []
+    for obj, d, run in loaded:
+        model, ckpt, tok = run.model, run.ckpt, run.tokenizer
+        prompt = sample.encode_prompt(tok, c.start) if c.start else []
         if obj == 'gpt' and not prompt:  # GPT needs one token to start from (as sample.py does)
             prompt = [tok.eot_id if tok.eot_id is not None else 0]
-        plans.append((obj, d, model, ckpt, tok, prompt))
+        plans.append((obj, d, run, tok, prompt))
     infill = any(tok.mask_id in prompt for *_, tok, prompt in plans)  # [MASK] spans in --start
-    n = length or (0 if infill else min(m.cfg.block_size - len(p) for _, _, m, _, _, p in plans))
+    n = c.length or (0 if infill else min(r.model.cfg.block_size - len(p) for _, _, r, _, p in plans))
     if n < 1 and not infill:
         raise UserError("nothing to generate: the prompt fills the block; pass --length=N or shorten --start")
     runs = []
-    for obj, d, model, ckpt, tok, prompt in plans:
-        label = f"{sampler} sampler, {steps} steps" if obj == 'diffusion' else 'left to right, KV cache'
-        frames = record(model, obj, prompt, n, dev, sampler=sampler, steps=steps, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, schedule=ckpt['config'].get('schedule'))
+    for obj, d, run, tok, prompt in plans:
+        model, ckpt = run.model, run.ckpt
+        label = f"{c.sampler} sampler, {c.steps} steps" if obj == 'diffusion' else 'left to right, KV cache'
+        frames = record(model, obj, prompt, n, dev, sampler=c.sampler, steps=c.steps, temperature=c.temperature,
+                        top_k=c.top_k, top_p=c.top_p, seed=c.seed, schedule=getattr(run.objective, 'schedule', None))
         info = {'out_dir': d, 'params': model.num_params(), 'checkpoint_step': ckpt['step'],
                 'n_layer': model.cfg.n_layer, 'n_embd': model.cfg.n_embd, 'block_size': model.cfg.block_size}
         runs.append(Run(obj, label, tok, len(prompt), n + prompt.count(tok.mask_id), frames, info))
@@ -362,7 +367,7 @@ def final_screen(runs, width):
     return screen(runs, last, last, max(r.seconds for r in runs), width, done=True)
 
 
-def animate(runs, out, width, color):
+def animate(c, runs, out, width, color):
     """Play the race in place on a terminal: redraw the region with cursor movements."""
     term = shutil.get_terminal_size()
     fixed = 2 * len(runs) + 3  # headers, blank rows, the result
@@ -370,14 +375,14 @@ def animate(runs, out, width, color):
     printed, t0 = 0, time.perf_counter()
     out.write('\x1b[?25l')  # hide the cursor while drawing
     try:
-        for i, rows in enumerate(replay(runs, fps, duration, width, max_rows)):
+        for i, rows in enumerate(replay(runs, c.fps, c.duration, width, max_rows)):
             lines = to_ansi(rows, color)
             lines += [''] * (printed - len(lines))  # the region never shrinks: no stale rows left
             up = f"\x1b[{printed}F" if printed else ''
             out.write(up + ''.join(f"\x1b[2K{ln}\n" for ln in lines))
             out.flush()
             printed = len(lines)
-            wait = t0 + (i + 1) / fps - time.perf_counter()
+            wait = t0 + (i + 1) / c.fps - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
     finally:
@@ -445,14 +450,14 @@ def mono_font(ImageFont, size=15):
     return ImageFont.load_default()
 
 
-def images(runs, width):
+def images(c, runs, width):
     """The animation as RGB PIL images of one size (even, for video encoders), plus the
     number of repeats of the last one that hold the result for HOLD_SECONDS."""
     Image, ImageDraw, ImageFont = need_pillow('--gif/--mp4')
     font = mono_font(ImageFont)
     left, top, right, bottom = font.getbbox('M')
     cw, lh = max(1, round(font.getlength('M'))), max(bottom, 1) + 5
-    screens = list(replay(runs, fps, duration, width))
+    screens = list(replay(runs, c.fps, c.duration, width))
     pad = 12
     w = pad * 2 + width * cw
     h = pad * 2 + max(len(s) for s in screens) * lh
@@ -473,23 +478,23 @@ def images(runs, width):
                     draw.text((x0, y0 + 2), ch, font=font, fill=fg)
                     col += cells
         out.append(img)
-    return out, max(1, round(HOLD_SECONDS * fps))
+    return out, max(1, round(HOLD_SECONDS * c.fps))
 
 
-def write_gif(runs, path, width):
-    imgs, hold = images(runs, width)
-    frame_ms = max(20, round(1000 / fps))  # most viewers treat delays under 20 ms as 100 ms
+def write_gif(c, runs, path, width):
+    imgs, hold = images(c, runs, width)
+    frame_ms = max(20, round(1000 / c.fps))  # most viewers treat delays under 20 ms as 100 ms
     durations = [frame_ms] * (len(imgs) - 1) + [frame_ms * hold]
     imgs = [im.quantize(colors=64) for im in imgs]
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=durations, loop=0, optimize=True)
 
 
-def write_mp4(runs, path, width):
+def write_mp4(c, runs, path, width):
     ffmpeg = shutil.which('ffmpeg')
-    imgs, hold = images(runs, width)
+    imgs, hold = images(c, runs, width)
     w, h = imgs[0].size
     cmd = [ffmpeg, '-loglevel', 'error', '-y', '-f', 'rawvideo', '-pix_fmt', 'rgb24', '-s', f'{w}x{h}',
-           '-r', str(fps), '-i', '-', '-pix_fmt', 'yuv420p', '-movflags', '+faststart', path]
+           '-r', str(c.fps), '-i', '-', '-pix_fmt', 'yuv420p', '-movflags', '+faststart', path]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for im in imgs + [imgs[-1]] * (hold - 1):
@@ -504,51 +509,52 @@ def write_mp4(runs, path, width):
 # -----------------------------------------------------------------------------
 
 
-def check_settings():
+RULES = {'sampler': one_of(sample.SAMPLERS), 'steps': at_least(1), 'length': at_least(0), 'fps': at_least(1),
+         'duration': at_least(0.0), 'width': (lambda v: v == 0 or v >= 20, "0 (the terminal's) or at least 20"),
+         **{k: v for k, v in sample.RULES.items() if k in ('temperature', 'top_k', 'top_p')}}
+
+
+def check_settings(c):
     """One clear line for each impossible combination, before any model is loaded."""
-    if diffusion_only and gpt_only:
+    if c.diffusion_only and c.gpt_only:
         raise UserError("--diffusion_only and --gpt_only exclude each other", diffusion.EXIT_USAGE)
-    if fps <= 0 or duration < 0 or steps < 1 or length < 0:
-        raise UserError("need --fps > 0, --duration >= 0, --steps >= 1 and --length >= 0", diffusion.EXIT_USAGE)
-    if width and width < 20:
-        raise UserError(f"--width={width}: use 0 (the terminal's) or at least 20 columns", diffusion.EXIT_USAGE)
-    if export and not export.endswith('.json'):
-        raise UserError(f"--export={export}: give a path ending in .json (a .js is written beside it)",
+    if c.export and not c.export.endswith('.json'):
+        raise UserError(f"--export={c.export}: give a path ending in .json (a .js is written beside it)",
                         diffusion.EXIT_USAGE)
-    if gif or mp4:
-        need_pillow('--gif' if gif else '--mp4')
-    if mp4 and not shutil.which('ffmpeg'):
+    if c.gif or c.mp4:
+        need_pillow('--gif' if c.gif else '--mp4')
+    if c.mp4 and not shutil.which('ffmpeg'):
         raise UserError("--mp4 needs ffmpeg on the PATH (apt-get install ffmpeg, or brew install ffmpeg); "
                         "--gif works without it")
 
 
 def main():
-    configure(globals(), choices={'sampler': sample.SAMPLERS}, verbose=False)
-    check_settings()
-    dev = resolve_device(device)
+    c = configure(globals(), rules=RULES, verbose=False)
+    check_settings(c)
+    dev = resolve_device(c.device)
     out = sys.stdout
     tty = out.isatty()
-    cols = width or (min(80, shutil.get_terminal_size().columns) if tty else 80)
+    cols = c.width or (min(80, shutil.get_terminal_size().columns) if tty else 80)
     if tty:
         out.write('sampling...')
         out.flush()
-    runs = race(dev)
+    runs = race(c, dev)
     if tty:
         out.write('\r' + ' ' * 11 + '\r')
     color = use_color(out)
-    if tty and not no_animate and os.environ.get('TERM') != 'dumb':
-        animate(runs, out, cols, color)
+    if tty and not c.no_animate and os.environ.get('TERM') != 'dumb':
+        animate(c, runs, out, cols, color)
     else:
         out.write(''.join(ln + '\n' for ln in to_ansi(final_screen(runs, cols), color)))
-    if export:
-        js = write_export(runs, export)
-        print(f"wrote {export} and {js}; open {page_hint(js)}")
-    if gif:
-        write_gif(runs, gif, cols)
-        print(f"wrote {gif}")
-    if mp4:
-        write_mp4(runs, mp4, cols)
-        print(f"wrote {mp4}")
+    if c.export:
+        js = write_export(runs, c.export)
+        print(f"wrote {c.export} and {js}; open {page_hint(js)}")
+    if c.gif:
+        write_gif(c, runs, c.gif, cols)
+        print(f"wrote {c.gif}")
+    if c.mp4:
+        write_mp4(c, runs, c.mp4, cols)
+        print(f"wrote {c.mp4}")
 
 
 if __name__ == '__main__':

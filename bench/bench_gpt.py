@@ -56,15 +56,15 @@ def train_ms():
     """{'gpt': [(wall ms, CPU ms) per step], 'diffusion': [...]}: the two objectives' training steps,
     alternating. CPU time (this process's, all threads) barely moves when other processes load the
     machine, wall time does: both are reported."""
-    c = type('Settings', (), {**diffusion.settings_of(vars(diffusion)), 'seed': seed,
-                              'batch_size': train_batch, 'block_size': train_block})  # diffusion.py's defaults
+    c = diffusion.Config(diffusion.settings_of(vars(diffusion)), seed=seed, batch_size=train_batch,
+                         block_size=train_block)  # diffusion.py's defaults
     runs = {}
     for objective in (GPTObjective, DiffusionObjective):
         torch.manual_seed(seed)
         model = Transformer(ModelConfig(vocab_size=padded_vocab(vocab), mask_id=vocab, block_size=train_block,
                                         n_layer=n_layer, n_head=n_head, n_embd=n_embd, causal=objective.causal))
         runs[objective.name] = (model.train(), make_optimizer(model, c, torch.device('cpu')),
-                                objective(c, vocab, model.cfg.vocab_size, 1))
+                                objective(c, {'vocab_size': vocab}))
     times = {name: [] for name in runs}
     warmup = 5
     for step in range(warmup + train_steps):

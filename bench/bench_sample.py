@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 import sample  # noqa: E402
-from diffusion import (EXIT_USAGE, TokenData, Tokenizer, UserError, atomic_write_text, configure,  # noqa: E402
+from diffusion import (EXIT_USAGE, Schedule, TokenData, Tokenizer, UserError, atomic_write_text, configure,  # noqa: E402
                        load_checkpoint, rng, run_cli)
 
 # -----------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def main():
     for name in names:
         for k in step_list:
             add(name, k, *run_config(dmodel, 'diffusion', [], c, sampler=name, steps=k,
-                                     schedule=dckpt['config']['schedule']))
+                                     schedule=Schedule(dckpt['config']['schedule'])))
     add('gpt (KV cache)', '-', *run_config(gmodel, 'gpt', gprompt, c))     # timed again: drift check
     data = TokenData(c['data_dir'] or gckpt['config']['data_dir'], meta['dataset'], 'val', meta)
     text = data.batch(c['num_samples'], c['new_tokens'], rng(c['seed'], 'bench-refs')).tolist()

@@ -171,7 +171,7 @@ def test_sigusr1_resume_bit_identical(tiny_runs, char_data, tmp_path):
         lines = []
         for line in p.stdout:
             lines.append(line)
-            if line.startswith('step 3 |'):
+            if line.startswith('step 3/'):
                 p.send_signal(signal.SIGUSR1)
         rc = p.wait(timeout=120)
     assert rc == EXIT_RESUMABLE, ''.join(lines)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from diffusion import ModelConfig, Tokenizer, Transformer, load_checkpoint
+from diffusion import ModelConfig, Schedule, Tokenizer, Transformer, load_checkpoint, sample_categorical
 import sample
 
 DIFFUSION_SAMPLERS = sample.SAMPLERS
@@ -42,7 +42,7 @@ def test_no_mask_and_context_fixed(dmodel, name):
     ref = torch.tensor(prompt)
     last, remasked = None, 0
     for step, x, changed in sample.frames(model, 'diffusion', prompt, 10, num_samples=2, sampler=name, steps=6,
-                                          seed=3, schedule='clipped_cosine' if name == 'ancestral' else 'linear',
+                                          seed=3, schedule=Schedule('clipped_cosine' if name == 'ancestral' else 'linear'),
                                           remdm_eta=0.5):
         assert x.shape == (2, P + 10) and changed.shape == x.shape
         assert torch.equal(x[:, :P][:, fixed], ref[fixed].expand(2, -1)), f"context changed at step {step}"
@@ -56,7 +56,7 @@ def test_no_mask_and_context_fixed(dmodel, name):
 
 def test_cache_is_exact_with_fewer_passes(dmodel):
     model, ckpt = dmodel
-    kw = dict(num_samples=3, steps=40, seed=11, schedule=ckpt['config']['schedule'])
+    kw = dict(num_samples=3, steps=40, seed=11, schedule=Schedule(ckpt['config']['schedule']))
     x1, info1 = run(model, 'diffusion', [], 20, sampler='ancestral', **kw)
     x2, info2 = run(model, 'diffusion', [], 20, sampler='ancestral_cache', **kw)
     assert torch.equal(x1, x2)
@@ -149,11 +149,11 @@ def test_sample_categorical_float64_gumbel():
     gen = torch.Generator().manual_seed(0)
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = p.log().expand(20000, 4)
-    freq = torch.bincount(sample.sample_categorical(logits, gen), minlength=4).double() / 20000
+    freq = torch.bincount(sample_categorical(logits, gen), minlength=4).double() / 20000
     assert torch.allclose(freq, p.double(), atol=0.015)
-    assert sample.sample_categorical(logits[:3], gen, temperature=0).tolist() == [0, 0, 0]
-    assert sample.sample_categorical(logits[:50], gen, top_k=1).eq(0).all()
-    top2 = sample.sample_categorical(logits[:500], gen, top_p=0.7)  # 0.5 + 0.3 reach 0.7
+    assert sample_categorical(logits[:3], gen, temperature=0).tolist() == [0, 0, 0]
+    assert sample_categorical(logits[:50], gen, top_k=1).eq(0).all()
+    top2 = sample_categorical(logits[:500], gen, top_p=0.7)  # 0.5 + 0.3 reach 0.7
     assert set(top2.tolist()) == {0, 1}
 
 

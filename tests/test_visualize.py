@@ -14,7 +14,7 @@ import torch
 import sample
 import visualize
 from conftest import REPO, run_script
-from diffusion import Tokenizer, UserError, load_checkpoint
+from diffusion import Config, Schedule, Tokenizer, UserError, load_checkpoint, settings_of
 
 LENGTH, STEPS, WIDTH = 24, 8, 80
 ESC = '\x1b'
@@ -22,19 +22,16 @@ ESC = '\x1b'
 
 @contextlib.contextmanager
 def settings(**kw):
-    """visualize's module settings for one race, restored afterwards."""
+    """visualize's settings for one race: its defaults with these changes."""
     base = dict(diffusion_dir='', gpt_dir='', diffusion_only=False, gpt_only=False, length=LENGTH, steps=STEPS,
                 sampler='confidence', start='', seed=1337, temperature=1.0, top_k=0, top_p=1.0, fps=20, duration=0.2)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**base, **kw}.items():
-            mp.setattr(visualize, k, v)
-        yield
+    yield Config({**settings_of(vars(visualize)), **base, **kw})
 
 
 @pytest.fixture(scope='module')
 def runs(tiny_runs):
-    with settings(diffusion_dir=tiny_runs['diffusion'], gpt_dir=tiny_runs['gpt']):
-        return visualize.race(torch.device('cpu'))
+    with settings(diffusion_dir=tiny_runs['diffusion'], gpt_dir=tiny_runs['gpt']) as c:
+        return visualize.race(c, torch.device('cpu'))
 
 
 def sampler_text(out_dir, objective, sampler='confidence'):
@@ -43,7 +40,7 @@ def sampler_text(out_dir, objective, sampler='confidence'):
     tok = Tokenizer(ckpt['meta'])
     prompt = [] if objective == 'diffusion' else [tok.eot_id if tok.eot_id is not None else 0]
     x, info = sample.generate_tokens(model, objective, prompt, LENGTH, sampler=sampler, steps=STEPS, seed=1337,
-                                     schedule=ckpt['config'].get('schedule'))
+                                     schedule=Schedule(ckpt['config']['schedule']) if objective == 'diffusion' else None)
     return tok.decode(x[0].tolist()), info
 
 
@@ -105,10 +102,9 @@ def test_animation_redraws_in_place_and_ends_on_the_final_frame(runs, monkeypatc
     class Tty(io.StringIO):
         def isatty(self):
             return True
-    monkeypatch.setattr(visualize, 'fps', 50)
-    monkeypatch.setattr(visualize, 'duration', 0.1)
     out = Tty()
-    visualize.animate(runs, out, WIDTH, color=False)
+    with settings(fps=50, duration=0.1) as c:
+        visualize.animate(c, runs, out, WIDTH, color=False)
     s = out.getvalue()
     redraws = re.split(r'\x1b\[\d+F', s)
     assert len(redraws) == len(visualize.clocks(runs, 50, 0.1))  # one redraw per tick
@@ -144,27 +140,27 @@ def test_cli_in_a_pipe_with_export(tiny_runs, tmp_path):
 
 def test_one_model_other_samplers_and_bad_settings(tiny_runs):
     # ancestral_cache skips the forward pass when no token changed: passes are counted, not assumed
-    with settings(diffusion_dir=tiny_runs['diffusion'], diffusion_only=True, sampler='ancestral_cache'):
-        (run,) = visualize.race(torch.device('cpu'))
+    with settings(diffusion_dir=tiny_runs['diffusion'], diffusion_only=True, sampler='ancestral_cache') as c:
+        (run,) = visualize.race(c, torch.device('cpu'))
     text, info = sampler_text(tiny_runs['diffusion'], 'diffusion', 'ancestral_cache')
     assert run.name == 'diffusion' and run.final_text == text and run.frames[-1].passes == info['nfe'] <= STEPS + 1
     assert visualize.summary_lines([run])[0].startswith(f'diffusion: {LENGTH} tokens in ')
     # infilling: the prompt stays, the [MASK:6] span is revealed and is not styled as prompt
-    with settings(diffusion_dir=tiny_runs['diffusion'], diffusion_only=True, length=0, start='ROMEO:[MASK:6] the'):
-        (run,) = visualize.race(torch.device('cpu'))
+    with settings(diffusion_dir=tiny_runs['diffusion'], diffusion_only=True, length=0, start='ROMEO:[MASK:6] the') as c:
+        (run,) = visualize.race(c, torch.device('cpu'))
     assert run.new_tokens == 6 and run.final_text.startswith('ROMEO:') and run.final_text.endswith(' the')
     styles = [st for row in visualize.text_rows(run, len(run.frames) - 1, 0, WIDTH) for t, st in row for _ in t]
     pieces = visualize.token_pieces(run.tok, run.frames[-1].ids)
     assert styles == [('new' if 6 <= i < 12 else 'prompt') for i, p in enumerate(pieces) for ch in p if ch != '\n']
-    with settings(gpt_dir=tiny_runs['diffusion'], gpt_only=True), pytest.raises(UserError, match='--diffusion_dir'):
-        visualize.race(torch.device('cpu'))
-    with settings(diffusion_only=True, gpt_only=True), pytest.raises(UserError, match='exclude'):
-        visualize.check_settings()
+    with settings(gpt_dir=tiny_runs['diffusion'], gpt_only=True) as c, pytest.raises(UserError, match='--diffusion_dir'):
+        visualize.race(c, torch.device('cpu'))
+    with settings(diffusion_only=True, gpt_only=True) as c, pytest.raises(UserError, match='exclude'):
+        visualize.check_settings(c)
 
 
 def test_no_checkpoint_says_which_commands_make_one(tmp_path):
-    with settings(diffusion_dir=str(tmp_path / 'd'), gpt_dir=str(tmp_path / 'g')), pytest.raises(UserError) as e:
-        visualize.race(torch.device('cpu'))
+    with settings(diffusion_dir=str(tmp_path / 'd'), gpt_dir=str(tmp_path / 'g')) as c, pytest.raises(UserError) as e:
+        visualize.race(c, torch.device('cpu'))
     msg = str(e.value)
     assert '\n' not in msg and 'no checkpoint' in msg
     assert all(cmd in msg for cmd in ('python prepare.py', 'python diffusion.py', 'python gpt.py'))
@@ -173,8 +169,8 @@ def test_no_checkpoint_says_which_commands_make_one(tmp_path):
 def test_gif(runs, tmp_path):
     Image = pytest.importorskip('PIL.Image', reason='Pillow is not installed (pip install pillow)')
     path = str(tmp_path / 'race.gif')
-    with settings(fps=10, duration=0.5):
-        visualize.write_gif(runs, path, WIDTH)
+    with settings(fps=10, duration=0.5) as c:
+        visualize.write_gif(c, runs, path, WIDTH)
     with Image.open(path) as im:
         assert im.is_animated and im.n_frames > 2 and im.size[0] > 400
     os.makedirs(os.path.join(REPO, 'artifacts'), exist_ok=True)
@@ -186,7 +182,7 @@ def test_mp4(runs, tmp_path):
     if not shutil.which('ffmpeg'):
         pytest.skip('ffmpeg is not on the PATH')
     path = tmp_path / 'race.mp4'
-    with settings(fps=10, duration=0.3):
-        visualize.write_mp4(runs, str(path), WIDTH)
+    with settings(fps=10, duration=0.3) as c:
+        visualize.write_mp4(c, runs, str(path), WIDTH)
     head = path.read_bytes()[:12]
     assert head[4:8] == b'ftyp' and path.stat().st_size > 1000

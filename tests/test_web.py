@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import visualize
+from diffusion import Config, settings_of
 from conftest import REPO
 
 BROWSERS = ('chromium', 'chromium-browser', 'google-chrome', 'google-chrome-stable')
@@ -33,14 +34,11 @@ def page(tiny_runs, tmp_path_factory):
     root = tmp_path_factory.mktemp('web')
     for name in ('index.html', 'style.css', 'race.js'):
         shutil.copy(os.path.join(REPO, 'web', name), root / name)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in dict(diffusion_dir=tiny_runs['diffusion'], gpt_dir=tiny_runs['gpt'], diffusion_only=False,
-                         gpt_only=False, length=LENGTH, steps=STEPS, sampler='confidence', start='',
-                         duration=5.0).items():
-            mp.setattr(visualize, k, v)
-        runs = visualize.race(torch.device('cpu'))
-        visualize.write_export(runs, str(root / 'frames.json'))
-        data = visualize.race_json(runs)
+    c = Config(settings_of(vars(visualize)), diffusion_dir=tiny_runs['diffusion'], gpt_dir=tiny_runs['gpt'],
+               length=LENGTH, steps=STEPS, sampler='confidence', duration=5.0)
+    runs = visualize.race(c, torch.device('cpu'))
+    visualize.write_export(runs, str(root / 'frames.json'))
+    data = visualize.race_json(runs)
     assert (root / 'frames.js').exists()
     return root, data
 
