@@ -1,7 +1,10 @@
 """Shared pytest fixtures: a prepared character dataset and tiny trained checkpoints.
 
-Every test runs on CPU with fixed seeds. ../shared (beside the repo) is used when present:
-Tiny Shakespeare, and the GPT-2 BPE files for tiktoken through TIKTOKEN_CACHE_DIR."""
+Every test runs on CPU with fixed seeds, on the same text with or without ../shared: the
+Tiny Shakespeare excerpt shipped in tests/fixtures/ (all 65 characters of the full text; see
+tests/fixtures/make_tinyshakespeare_excerpt.py). ../shared (beside the repo) only provides the
+GPT-2 BPE files for tiktoken through TIKTOKEN_CACHE_DIR, when present; the tests that need them
+skip without them (offline)."""
 import os
 import subprocess
 import sys
@@ -10,7 +13,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(REPO, '..', 'shared'))
-SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare.txt')
+SHAKESPEARE = os.path.join(REPO, 'tests', 'fixtures', 'tinyshakespeare_excerpt.txt')
 TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
 
 if os.path.isdir(TIKTOKEN_CACHE) and 'TIKTOKEN_CACHE_DIR' not in os.environ:
@@ -32,28 +35,11 @@ def run_script(script, *args, check=True, timeout=600, **kw):
     return r
 
 
-def sample_text_file(path, n_chars=200_000):
-    """Tiny Shakespeare from ../shared when present, else a deterministic stand-in text."""
-    if os.path.exists(SHAKESPEARE):
-        return SHAKESPEARE
-    import random
-    rnd = random.Random(0)
-    words = ['the', 'king', 'and', 'queen', 'of', 'my', 'lord', 'thou', 'art', 'good', 'love', 'night']
-    lines = []
-    while sum(map(len, lines)) < n_chars:
-        lines.append(rnd.choice(['ROMEO:', 'JULIET:', 'KING:']) + '\n' +
-                     ' '.join(rnd.choice(words) for _ in range(rnd.randint(4, 12))).capitalize() + '.\n')
-    with open(path, 'w') as f:
-        f.write('\n'.join(lines))
-    return path
-
-
 @pytest.fixture(scope='session')
 def char_data(tmp_path_factory):
     """data_dir holding shakespeare_char, prepared by prepare.py."""
     root = tmp_path_factory.mktemp('data')
-    text = sample_text_file(str(root / 'input.txt'))
-    run_script('prepare.py', '--dataset=shakespeare_char', f'--input={text}', f'--data_dir={root}')
+    run_script('prepare.py', '--dataset=shakespeare_char', f'--input={SHAKESPEARE}', f'--data_dir={root}')
     return str(root)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import diffusion as D
 import prepare as P
-from conftest import REPO, SHARED, TINY, run_script, sample_text_file
+from conftest import REPO, SHAKESPEARE, SHARED, TINY, run_script
 
 EXPECTED_FILES = {'val': [500, 200], 'train': [500] * 12}   # --val_tokens=700 --max_tokens=6000 --shard_size=500
 FINEWEB_ARGS = ['--dataset=fineweb_edu', '--shard_size=500', '--val_tokens=700', '--max_tokens=6000', '--num_proc=2']
@@ -194,9 +194,8 @@ def test_text_files_tinystories_and_shakespeare(enc, tmp_path):
     assert np.array_equal(read_split(str(tmp_path), 'tinystories', 'train'), reference_stream(enc, stories[:4]))
     assert np.array_equal(read_split(str(tmp_path), 'tinystories', 'val'), reference_stream(enc, stories[4:]))
 
-    text_path = sample_text_file(str(tmp_path / 'input.txt'))
-    text = open(text_path, encoding='utf-8').read()
-    P.main(['--dataset=shakespeare', f'--input={text_path}', f'--data_dir={tmp_path}', '--num_proc=1'])
+    text = open(SHAKESPEARE, encoding='utf-8').read()
+    P.main(['--dataset=shakespeare', f'--input={SHAKESPEARE}', f'--data_dir={tmp_path}', '--num_proc=1'])
     val, train = read_split(str(tmp_path), 'shakespeare', 'val'), read_split(str(tmp_path), 'shakespeare', 'train')
     assert len(val) == 33_000 and np.array_equal(np.concatenate([val, train]), reference_stream(enc, [text]))
 
