@@ -224,6 +224,10 @@ def test_one_line_errors(tmp_path, monkeypatch):
         P.main(['--dataset=tinystories', f'--data_dir={tmp_path}', '--num_proc=1'])
     with pytest.raises(D.UserError, match='no such file or folder'):
         P.main(['--dataset=fineweb_edu', f'--input={tmp_path}/missing.parquet', f'--data_dir={tmp_path}'])
+
+
+def test_missing_text_column_is_one_line(enc, tmp_path):
+    """prepare.py loads the GPT-2 BPE files before it reads the rows: needs them (enc skips offline)."""
     (tmp_path / 'rows.jsonl').write_text('{"content": "hello"}\n')
     with pytest.raises(D.UserError, match="no text column 'text' .*content.*--text_field"):
         P.main(['--dataset=fineweb_edu', f'--input={tmp_path}/rows.jsonl', f'--data_dir={tmp_path}', '--num_proc=1'])
