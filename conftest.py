@@ -4,7 +4,8 @@ Every test runs on CPU with fixed seeds, on the same text with or without ../sha
 Tiny Shakespeare excerpt shipped in tests/fixtures/ (all 65 characters of the full text; see
 tests/fixtures/make_tinyshakespeare_excerpt.py). ../shared (beside the repo) only provides the
 GPT-2 BPE files for tiktoken through TIKTOKEN_CACHE_DIR, when present; the tests that need them
-skip without them (offline)."""
+skip without them (offline). Every test runs in an empty temporary folder, never the repo, so
+a default out_dir (out/...) or data_dir (data) can never reach the repo's own out/ and data/."""
 import os
 import subprocess
 import sys
@@ -24,10 +25,22 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
         '--eval_iters=2', '--log_interval=1', '--sample_at_end=false', '--device=cpu', '--warmup_iters=5']
 
 
+@pytest.fixture(scope='session', autouse=True)
+def outside_the_repo(tmp_path_factory):
+    """The whole session runs in an empty temporary folder (and so do run_script's subprocesses):
+    relative defaults such as out_dir='out/diffusion-...' or data_dir='data' land there, not in
+    the repo, where a user's quick start may have left a run that a test would trip over."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp('cwd'))
+    yield os.getcwd()
+    os.chdir(cwd)
+
+
 def run_script(script, *args, check=True, timeout=600, **kw):
-    """Run one of the project's scripts in a subprocess from the repo root; returns the result."""
+    """Run one of the project's scripts in a subprocess (in the current folder, a temporary one
+    under pytest: see outside_the_repo); returns the result."""
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
-    r = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], env=env,
                        capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {r.returncode}:\n{r.stdout[-3000:]}\n"

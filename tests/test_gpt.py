@@ -166,7 +166,7 @@ def test_sigusr1_resume_bit_identical(tiny_runs, char_data, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
     cmd = [sys.executable, os.path.join(REPO, 'gpt.py'), *TINY, f'--data_dir={char_data}', f'--out_dir={out}',
            '--max_iters=40', '--eval_interval=20']
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as p:
         lines = []
         for line in p.stdout:

@@ -127,7 +127,7 @@ def run_interrupted(tmp_path, args, at, mode):
     script = tmp_path / f'interrupt_{mode}.py'
     script.write_text(CRASH.format(repo=REPO, at=at, mode=mode, args=list(args)))
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    return subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                           timeout=300)
 
 
