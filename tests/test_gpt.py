@@ -155,8 +155,8 @@ def test_training_lowers_loss(tiny_runs):
     train = [r['loss'] for r in log if 'lr' in r]
     assert sorted(val) == [0, 20, 40] and len(train) == 40
     assert val[0] > 4.0                       # ~ln(65): an untrained model's next-char loss
-    assert val[40] < val[20] < val[0] and val[40] < val[0] - 0.4   # 4.18 -> 3.79 -> 3.65
-    assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.4           # 4.16 -> 3.66
+    assert val[40] < val[20] < val[0] and val[40] < val[0] - 0.4   # 4.18 -> 3.76 -> 3.60
+    assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.4           # 4.16 -> 3.63
 
 
 def test_sigusr1_resume_bit_identical(tiny_runs, char_data, tmp_path):
