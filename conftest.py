@@ -1,7 +1,11 @@
 """Shared pytest fixtures: a prepared character dataset and tiny trained checkpoints.
 
-Every test runs on CPU with fixed seeds. ../shared (beside the repo) is used when present:
-Tiny Shakespeare, and the GPT-2 BPE files for tiktoken through TIKTOKEN_CACHE_DIR."""
+Every test runs on CPU with fixed seeds, on the same text with or without ../shared: the
+Tiny Shakespeare excerpt shipped in tests/fixtures/ (all 65 characters of the full text; see
+tests/fixtures/make_tinyshakespeare_excerpt.py). ../shared (beside the repo) only provides the
+GPT-2 BPE files for tiktoken through TIKTOKEN_CACHE_DIR, when present; the tests that need them
+skip without them (offline). Every test runs in an empty temporary folder, never the repo, so
+a default out_dir (out/...) or data_dir (data) can never reach the repo's own out/ and data/."""
 import os
 import subprocess
 import sys
@@ -10,7 +14,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(REPO, '..', 'shared'))
-SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare.txt')
+SHAKESPEARE = os.path.join(REPO, 'tests', 'fixtures', 'tinyshakespeare_excerpt.txt')
 TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
 
 if os.path.isdir(TIKTOKEN_CACHE) and 'TIKTOKEN_CACHE_DIR' not in os.environ:
@@ -21,10 +25,22 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
         '--eval_iters=2', '--log_interval=1', '--sample_at_end=false', '--device=cpu', '--warmup_iters=5']
 
 
+@pytest.fixture(scope='session', autouse=True)
+def outside_the_repo(tmp_path_factory):
+    """The whole session runs in an empty temporary folder (and so do run_script's subprocesses):
+    relative defaults such as out_dir='out/diffusion-...' or data_dir='data' land there, not in
+    the repo, where a user's quick start may have left a run that a test would trip over."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp('cwd'))
+    yield os.getcwd()
+    os.chdir(cwd)
+
+
 def run_script(script, *args, check=True, timeout=600, **kw):
-    """Run one of the project's scripts in a subprocess from the repo root; returns the result."""
+    """Run one of the project's scripts in a subprocess (in the current folder, a temporary one
+    under pytest: see outside_the_repo); returns the result."""
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
-    r = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], env=env,
                        capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {r.returncode}:\n{r.stdout[-3000:]}\n"
@@ -32,28 +48,11 @@ def run_script(script, *args, check=True, timeout=600, **kw):
     return r
 
 
-def sample_text_file(path, n_chars=200_000):
-    """Tiny Shakespeare from ../shared when present, else a deterministic stand-in text."""
-    if os.path.exists(SHAKESPEARE):
-        return SHAKESPEARE
-    import random
-    rnd = random.Random(0)
-    words = ['the', 'king', 'and', 'queen', 'of', 'my', 'lord', 'thou', 'art', 'good', 'love', 'night']
-    lines = []
-    while sum(map(len, lines)) < n_chars:
-        lines.append(rnd.choice(['ROMEO:', 'JULIET:', 'KING:']) + '\n' +
-                     ' '.join(rnd.choice(words) for _ in range(rnd.randint(4, 12))).capitalize() + '.\n')
-    with open(path, 'w') as f:
-        f.write('\n'.join(lines))
-    return path
-
-
 @pytest.fixture(scope='session')
 def char_data(tmp_path_factory):
     """data_dir holding shakespeare_char, prepared by prepare.py."""
     root = tmp_path_factory.mktemp('data')
-    text = sample_text_file(str(root / 'input.txt'))
-    run_script('prepare.py', '--dataset=shakespeare_char', f'--input={text}', f'--data_dir={root}')
+    run_script('prepare.py', '--dataset=shakespeare_char', f'--input={SHAKESPEARE}', f'--data_dir={root}')
     return str(root)
 
 

@@ -203,8 +203,8 @@ def test_sigusr1_then_resume_is_bit_identical(char_data, tmp_path):
 
     out = tmp_path / 'interrupted'
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    proc = subprocess.Popen([sys.executable, 'diffusion.py', *args, f'--out_dir={out}'], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'diffusion.py'), *args, f'--out_dir={out}'],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / 'log.jsonl'
     deadline = time.time() + 120
     while time.time() < deadline:  # signal once training is under way (step >= 20)
@@ -247,7 +247,9 @@ def test_bad_type_and_bad_choice():
 
 
 def test_missing_data_says_which_prepare_command(tmp_path):
-    line = _one_line_error(run_script('diffusion.py', f'--data_dir={tmp_path}', '--device=cpu', check=False), 1)
+    # its own out_dir: the default one (out/diffusion-...) may hold a run, and that error comes first
+    line = _one_line_error(run_script('diffusion.py', f'--data_dir={tmp_path}', f"--out_dir={tmp_path / 'run'}",
+                                      '--device=cpu', check=False), 1)
     assert 'python prepare.py --dataset=shakespeare_char' in line
 
 

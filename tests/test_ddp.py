@@ -36,7 +36,7 @@ def torchrun(out_dir, data_dir, *extra, nproc=2):
     log = open(out_dir + '.log', 'a')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
            os.path.join(REPO, 'diffusion.py'), *ARGS, f'--data_dir={data_dir}', f'--out_dir={out_dir}', *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     return proc
 

@@ -155,8 +155,8 @@ def test_training_lowers_loss(tiny_runs):
     train = [r['loss'] for r in log if 'lr' in r]
     assert sorted(val) == [0, 20, 40] and len(train) == 40
     assert val[0] > 4.0                       # ~ln(65): an untrained model's next-char loss
-    assert val[40] < val[20] < val[0] and val[40] < val[0] - 0.4   # 4.18 -> 3.79 -> 3.65
-    assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.4           # 4.16 -> 3.66
+    assert val[40] < val[20] < val[0] and val[40] < val[0] - 0.4   # 4.18 -> 3.76 -> 3.60
+    assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.4           # 4.16 -> 3.63
 
 
 def test_sigusr1_resume_bit_identical(tiny_runs, char_data, tmp_path):
@@ -166,7 +166,7 @@ def test_sigusr1_resume_bit_identical(tiny_runs, char_data, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
     cmd = [sys.executable, os.path.join(REPO, 'gpt.py'), *TINY, f'--data_dir={char_data}', f'--out_dir={out}',
            '--max_iters=40', '--eval_interval=20']
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as p:
         lines = []
         for line in p.stdout:

@@ -16,7 +16,7 @@ import pytest
 
 import diffusion as D
 import prepare as P
-from conftest import REPO, SHARED, TINY, run_script, sample_text_file
+from conftest import REPO, SHAKESPEARE, SHARED, TINY, run_script
 
 EXPECTED_FILES = {'val': [500, 200], 'train': [500] * 12}   # --val_tokens=700 --max_tokens=6000 --shard_size=500
 FINEWEB_ARGS = ['--dataset=fineweb_edu', '--shard_size=500', '--val_tokens=700', '--max_tokens=6000', '--num_proc=2']
@@ -127,7 +127,7 @@ def run_interrupted(tmp_path, args, at, mode):
     script = tmp_path / f'interrupt_{mode}.py'
     script.write_text(CRASH.format(repo=REPO, at=at, mode=mode, args=list(args)))
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    return subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -194,9 +194,8 @@ def test_text_files_tinystories_and_shakespeare(enc, tmp_path):
     assert np.array_equal(read_split(str(tmp_path), 'tinystories', 'train'), reference_stream(enc, stories[:4]))
     assert np.array_equal(read_split(str(tmp_path), 'tinystories', 'val'), reference_stream(enc, stories[4:]))
 
-    text_path = sample_text_file(str(tmp_path / 'input.txt'))
-    text = open(text_path, encoding='utf-8').read()
-    P.main(['--dataset=shakespeare', f'--input={text_path}', f'--data_dir={tmp_path}', '--num_proc=1'])
+    text = open(SHAKESPEARE, encoding='utf-8').read()
+    P.main(['--dataset=shakespeare', f'--input={SHAKESPEARE}', f'--data_dir={tmp_path}', '--num_proc=1'])
     val, train = read_split(str(tmp_path), 'shakespeare', 'val'), read_split(str(tmp_path), 'shakespeare', 'train')
     assert len(val) == 33_000 and np.array_equal(np.concatenate([val, train]), reference_stream(enc, [text]))
 
@@ -225,6 +224,10 @@ def test_one_line_errors(tmp_path, monkeypatch):
         P.main(['--dataset=tinystories', f'--data_dir={tmp_path}', '--num_proc=1'])
     with pytest.raises(D.UserError, match='no such file or folder'):
         P.main(['--dataset=fineweb_edu', f'--input={tmp_path}/missing.parquet', f'--data_dir={tmp_path}'])
+
+
+def test_missing_text_column_is_one_line(enc, tmp_path):
+    """prepare.py loads the GPT-2 BPE files before it reads the rows: needs them (enc skips offline)."""
     (tmp_path / 'rows.jsonl').write_text('{"content": "hello"}\n')
     with pytest.raises(D.UserError, match="no text column 'text' .*content.*--text_field"):
         P.main(['--dataset=fineweb_edu', f'--input={tmp_path}/rows.jsonl', f'--data_dir={tmp_path}', '--num_proc=1'])
