@@ -19,8 +19,14 @@ streams rows (from the HF hub, or with its local 'json' / 'parquet' / 'text' loa
 --input), worker processes tokenise them (GPT-2 BPE, the end-of-text token before every
 document), and the token stream is cut into fixed-size shards. Each shard is written to a
 temporary name and renamed when complete, and progress.json records where the stream stands
-after it, so a rerun continues after the last complete shard; meta.json, the only thing a
-loader reads, is written last.
+after it, so a rerun continues after the last complete shard.
+
+Every dataset is built in data/<dataset>/partial/ and moved into data/<dataset>/ only when complete
+(meta.json, the only thing a loader reads first, last), so a failed or interrupted run never
+touches a dataset prepared before. A run that fails takes back what it made: the folders it
+created and the files it added, the build folder too, unless the error says to rerun the same
+command to continue (exit 75: its complete shards are kept there). Settings are checked before
+anything is read or written.
 """
 import contextlib
 import gc
@@ -30,6 +36,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -47,20 +54,20 @@ from diffusion import EXIT_RESUMABLE, UserError, atomic_write_text, configure, g
 # -----------------------------------------------------------------------------
 dataset = 'shakespeare_char'    # which dataset to prepare: shakespeare_char | shakespeare | fineweb_edu | tinystories | wikitext2
 input = ''                      # local source instead of the network: a .txt, .jsonl/.json or .parquet file, or a folder with files per split named train*, valid*/val*, test*
-data_dir = 'data'               # output root: data/<dataset>/
-val_fraction = 0.1              # shakespeare_char only: last fraction of the text kept for validation
+data_dir = 'data'               # output root: data/<dataset>/ (a folder; created when missing)
+val_fraction = 0.1              # shakespeare_char only: last fraction of the text kept for validation, in (0, 1)
 # GPT-2 BPE datasets
-max_tokens = 1_000_000_000      # tokens in the train split at most: the first ones of the source's stream
-val_tokens = -1                 # tokens in the val split at most, taken from the head of the train stream when the source has no validation split; -1 = the dataset's default (BPE_DATASETS)
-shard_size = 100_000_000        # tokens per .bin shard (a split's last shard may be shorter)
-num_proc = 0                    # tokeniser worker processes; 0 = one per CPU core, 1 = tokenise in this process
-text_field = 'text'             # column holding the text in .jsonl / .parquet rows
+max_tokens = 1_000_000_000      # tokens in the train split at most (>= 1): the first ones of the source's stream
+val_tokens = -1                 # tokens in the val split at most (>= 1), taken from the head of the train stream when the source has no validation split; -1 = the dataset's default (BPE_DATASETS)
+shard_size = 100_000_000        # tokens per .bin shard, 1 .. 2**32 (one is held in memory; a split's last shard may be shorter)
+num_proc = 0                    # tokeniser worker processes (>= 0); 0 = one per CPU core, 1 = tokenise in this process
+text_field = 'text'             # column holding the text in .jsonl / .parquet rows (not empty)
 resume = True                   # continue an interrupted run with the same settings after its last complete shard; false = start over
 # entropy array: python prepare.py --entropy --ref=OUT_DIR --dataset=NAME
 entropy = False                 # write data/<dataset>/entropy.npy instead of preparing data
 ref = ''                        # reference causal LM: a gpt.py out_dir (or its ckpt.pt), or hf:NAME_OR_DIR for GPT-2 through transformers (local weights only)
-entropy_tokens = 0              # target tokens scored, in evenly spaced windows over the train split; 0 = the whole split
-batch_size = 8                  # windows per forward pass for --entropy
+entropy_tokens = 0              # target tokens scored (>= 0), in evenly spaced windows over the train split; 0 = the whole split
+batch_size = 8                  # windows per forward pass for --entropy (>= 1)
 device = 'auto'                 # --entropy: 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 # -----------------------------------------------------------------------------
 
@@ -71,6 +78,39 @@ SHARED_SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare.txt')
 EOT_TEXT = '<|endoftext|>'      # documents separator in .txt releases (TinyStories)
 PROGRESS_EVERY = 10.0           # seconds between progress lines
 TASK_DOCS, TASK_CHARS = 4096, 1 << 20   # the most documents / characters in one worker task
+STAGE = 'partial'               # the build folder in data/<dataset>/: moved into place when complete
+MIN_SPLIT_TOKENS = 8            # the fewest tokens a split may get (fewer when capped lower)
+MAX_SHARD_SIZE = 1 << 32        # tokens: a shard's buffer (2 bytes a token) is held in memory
+EXIT_USAGE = 2                  # exit code for bad settings, as diffusion.configure's
+
+
+def check_settings(c):
+    """Every setting's range, checked once, before anything is read or written: the first
+    fault is a one-line error (exit 2). configure() has already checked types and choices."""
+    out = os.path.join(c.data_dir, c.dataset)
+    rules = [  # (setting, holds, what is wrong otherwise)
+        ('data_dir', c.data_dir.strip() != '', 'must name a folder'),
+        ('data_dir', not os.path.exists(c.data_dir) or os.path.isdir(c.data_dir), 'is a file, not a folder'),
+        ('dataset', not os.path.exists(out) or os.path.isdir(out), f'{out} is a file, not a dataset folder'),
+        ('val_fraction', 0 < c.val_fraction < 1, 'must be a fraction strictly between 0 and 1'),
+        ('max_tokens', c.max_tokens >= 1, 'must be a positive number of tokens'),
+        ('val_tokens', c.val_tokens == -1 or c.val_tokens >= 1,
+         "must be a positive number of tokens, or -1 for the dataset's default"),
+        ('shard_size', 1 <= c.shard_size <= MAX_SHARD_SIZE, f'must be between 1 and {MAX_SHARD_SIZE:,} tokens'),
+        ('num_proc', c.num_proc >= 0, 'must be a number of processes, or 0 for one per CPU core'),
+        ('text_field', c.text_field.strip() != '', 'must name a column'),
+        ('entropy_tokens', c.entropy_tokens >= 0, 'must be a number of tokens, or 0 for the whole split'),
+        ('batch_size', c.batch_size >= 1, 'must be a positive number of windows'),
+        ('device', re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', c.device), 'must be auto, cpu, cuda, cuda:N or mps'),
+        ('ref', c.ref or not c.entropy, '--entropy needs --ref=OUT_DIR_OF_A_GPT_RUN (or hf:gpt2 with transformers)'),
+    ]
+    if c.input and not c.entropy:
+        rules += [('input', os.path.exists(c.input), 'no such file or folder'),
+                  ('input', not (c.dataset in ('shakespeare_char', 'shakespeare') and os.path.isdir(c.input)),
+                   f'is a folder; --dataset={c.dataset} reads one text file')]
+    for key, ok, problem in rules:
+        if not ok:
+            raise UserError(f"--{key}={getattr(c, key)!r}: {problem}", EXIT_USAGE)
 
 
 def download(url, path):
@@ -83,9 +123,119 @@ def download(url, path):
         raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); no network? "
                         f"pass a local copy with --input=PATH") from None
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(data)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
+
+
+def utf8_error(path):
+    """(offset, byte) of the first byte of the file that is not UTF-8, or None; read in chunks."""
+    base, carry = 0, b''
+    with open(path, 'rb') as f:
+        while True:
+            chunk = f.read(1 << 24)
+            buf = carry + chunk
+            try:
+                buf.decode('utf-8')
+                base, carry = base + len(buf), b''
+            except UnicodeDecodeError as e:
+                if chunk and e.start >= len(buf) - 3:  # perhaps a character cut by the chunk's end
+                    base, carry = base + e.start, buf[e.start:]
+                else:
+                    return base + e.start, buf[e.start]
+            if not chunk:
+                return None
+
+
+def not_utf8(path, offset, byte):
+    return UserError(f"{path} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}); convert it first, "
+                     f"e.g. iconv -f latin1 -t utf-8")
+
+
+def read_text(path):
+    """The text of a UTF-8 file; a one-line error for what is not one (other encodings, binary files)."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e.start, data[e.start]) from None
+    nul = data.find(0)
+    if nul >= 0:  # UTF-8 has no 0 byte in a multi-byte character: binary data
+        raise UserError(f"{path} is binary, not text (a NUL byte at offset {nul:,})")
+    return text
+
+
+class Undo:
+    """What a run that fails takes back, so that it leaves data_dir as it found it: the files it
+    added to data_dir and data_dir/<dataset> (temporary ones included), the build folder it
+    started (kept when the error is resumable, EXIT_RESUMABLE, and it holds shards: a rerun
+    continues from them; only this process's temporary files go) and the folders it created,
+    once empty. A dataset prepared before is never touched: a new one is built in STAGE and moved
+    into place only when complete (publish)."""
+    def __init__(self, data_dir, name):
+        self.dirs = [os.path.abspath(data_dir), os.path.abspath(os.path.join(data_dir, name))]
+        self.created, path = [], os.path.join(self.dirs[1], STAGE)
+        while not os.path.isdir(path) and path != os.path.dirname(path):
+            self.created.append(path)  # innermost first
+            path = os.path.dirname(path)
+        self.before = {d: set(os.listdir(d)) for d in self.dirs if os.path.isdir(d)}
+        self.builds = []  # build folders this run started afresh
+
+    def __call__(self, resumable):
+        tmp, stage = f'.tmp.{os.getpid()}', os.path.join(self.dirs[1], STAGE)
+        for b in self.builds:
+            if not (resumable and os.path.isdir(b) and any(n.endswith('.bin') for n in os.listdir(b))):
+                shutil.rmtree(b, ignore_errors=True)  # kept only when it holds shards to continue from
+        doomed = [os.path.join(stage, n) for n in os.listdir(stage) if n.endswith(tmp)] if os.path.isdir(stage) else []
+        for d in self.dirs:
+            if os.path.isdir(d):
+                doomed += [os.path.join(d, n) for n in set(os.listdir(d)) - self.before.get(d, set())
+                           if os.path.isfile(os.path.join(d, n))]
+        for path in doomed:
+            with contextlib.suppress(OSError):  # never hide the error that brought us here
+                os.remove(path)
+        for d in self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)  # only when empty
+
+
+def new_build(stage, undo):
+    """stage, emptied or created: a build folder that a failed run removes."""
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
+    undo.builds.append(stage)
+    return stage
+
+
+def publish(stage, out, meta):
+    """Move a complete build from stage into out, replacing the dataset there: the old meta.json
+    goes first (a loader never reads old and new shards under one meta.json), then the new shards
+    are moved in, the old ones not replaced are removed, and meta.json is written last. Killed
+    in between, out has no meta.json and stage keeps progress.json: a rerun finishes the move."""
+    names = [s for e in meta['splits'].values() for s in e['shards']]
+    sizes = [n for e in meta['splits'].values() for n in e['tokens']]
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, 'meta.json'))
+    for name, n in zip(names, sizes):
+        src, dst = os.path.join(stage, name), os.path.join(out, name)
+        if os.path.exists(src):
+            os.replace(src, dst)
+        elif not (os.path.exists(dst) and os.path.getsize(dst) == 2 * n):  # moved before being killed
+            raise UserError(f"{src} is missing; rebuild with --resume=false")
+    for name in os.listdir(out):
+        if (name.endswith(('.bin', '.bin.tmp')) and name not in names) or name == 'progress.json':
+            os.remove(os.path.join(out, name))
+    write_meta(out, meta)
+    shutil.rmtree(stage)
 
 
 def write_tokens(path, arr):
@@ -111,8 +261,10 @@ def write_meta(out, meta):
 def shakespeare_path(path, root):
     """--input, else ../shared's copy, else a download into root."""
     if path:
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             raise UserError(f"--input={path}: no such file")
+        if os.path.getsize(path) == 0:
+            raise UserError(f"--input={path} is empty: nothing to prepare")
         return path
     if os.path.exists(SHARED_SHAKESPEARE):
         return SHARED_SHAKESPEARE
@@ -123,24 +275,35 @@ def shakespeare_path(path, root):
     return path
 
 
-def prepare_shakespeare_char(c):
+def prepare_shakespeare_char(c, undo):
     """Character-level Tiny Shakespeare: 65 characters, 90/10 train/val split (as nanoGPT)."""
     source = shakespeare_path(c.input, c.data_dir)
-    with open(source, encoding='utf-8') as f:
-        text = f.read()
+    text = read_text(source)
     chars = sorted(set(text))
+    n = len(text)
+    if n == 0:
+        raise UserError(f"{source} is empty: nothing to prepare")
+    n_train = int(n * (1 - c.val_fraction))  # nanoGPT: int(n * 0.9), Tiny Shakespeare 1,003,854 / 111,540
+    if min(n_train, n - n_train) < MIN_SPLIT_TOKENS:
+        raise UserError(f"{source} has {n:,} characters: too few for a train and a val split of at least "
+                        f"{MIN_SPLIT_TOKENS} characters each (--val_fraction={c.val_fraction} gives train {n_train:,}, "
+                        f"val {n - n_train:,})")
+    if len(chars) > 1 << 16:
+        raise UserError(f"{source} has {len(chars):,} distinct characters; uint16 token files hold at most 65,536")
     stoi = {ch: i for i, ch in enumerate(chars)}
     ids = np.array([stoi[ch] for ch in text], dtype=np.uint16)
-    n_val = int(len(ids) * c.val_fraction)
     out = os.path.join(c.data_dir, 'shakespeare_char')
-    os.makedirs(out, exist_ok=True)
+    stage = new_build(os.path.join(out, STAGE), undo)
     splits = {}
-    for name, part in (('train', ids[:len(ids) - n_val]), ('val', ids[len(ids) - n_val:])):
-        write_tokens(os.path.join(out, f'{name}.bin'), part)
+    for name, part in (('train', ids[:n_train]), ('val', ids[n_train:])):
+        try:
+            write_tokens(os.path.join(stage, f'{name}.bin'), part)
+        except OSError as e:  # a full disk
+            raise UserError(f"writing {stage} failed ({type(e).__name__}: {first_line(e)})") from None
         splits[name] = {'shards': [f'{name}.bin'], 'tokens': [int(len(part))]}
-    write_meta(out, {'dataset': 'shakespeare_char', 'tokenizer': 'char', 'vocab_size': len(chars),
-                     'chars': ''.join(chars), 'dtype': 'uint16', 'source': os.path.abspath(source),
-                     'splits': splits})
+    publish(stage, out, {'dataset': 'shakespeare_char', 'tokenizer': 'char', 'vocab_size': len(chars),
+                         'chars': ''.join(chars), 'dtype': 'uint16', 'source': os.path.abspath(source),
+                         'splits': splits})
     print(f"{source}: {len(text):,} characters, vocabulary {len(chars)} (+ MASK = id {len(chars)})")
     print(f"wrote {out}: train {splits['train']['tokens'][0]:,} tokens, val {splits['val']['tokens'][0]:,} tokens")
 
@@ -296,12 +459,19 @@ def local_files(path, spec):
     return found
 
 
+def check_files(files):
+    """Fail at once on what the `datasets` loaders would fail on obscurely: an empty file."""
+    for f in (f for fs in files.values() for f in fs):
+        if os.path.getsize(f) == 0:
+            raise UserError(f"{f} is empty: nothing to prepare")
+
+
 def read_docs(spec, split, files, field_name):
     """The documents (str) of one split, streamed through the `datasets` library: the hub
     dataset, or its local json / parquet / text loaders for files. Text files are read whole
     and cut at '<|endoftext|>' lines (TinyStories' .txt release) unless the dataset is one document."""
     import datasets
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors are ours to report, in one line
     datasets.disable_progress_bars()
     if files:
         kind = loader_kind(files)
@@ -330,6 +500,35 @@ def read_docs(spec, split, files, field_name):
         yield from rows()
 
 
+def read_checked(docs, split, files):
+    """The documents of read_docs, with its failures as one-line errors: a dropped connection
+    or unreadable file (OSError) is resumable, the complete shards stay; text that is not UTF-8
+    names the file and the byte; anything else the `datasets` library raises, its first line."""
+    where = ', '.join(files) if files else f"the {split} split from the hub"
+    try:
+        yield from docs
+    except UserError:
+        raise
+    except ImportError as e:
+        raise UserError(f"the GPT-2 BPE datasets need the `datasets` package (pip install datasets): {e}") from None
+    except OSError as e:
+        raise UserError(f"reading {split} failed ({type(e).__name__}: {first_line(e)}); rerun the same command to "
+                        "continue after the last complete shard", EXIT_RESUMABLE) from None
+    except UnicodeDecodeError as e:
+        for f in files or ():
+            if loader_kind([f]) != 'parquet' and not f.lower().endswith(('.gz', '.zst')):
+                bad = utf8_error(f)
+                if bad:
+                    raise not_utf8(f, *bad) from None
+        raise UserError(f"{where}: text that is not UTF-8 ({first_line(e)})") from None
+    except Exception as e:
+        raise UserError(f"cannot read {where} ({type(e).__name__}: {first_line(e)})") from None
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [''])[0][:200]
+
+
 def fmt_rate(r):
     return f"{r / 1e6:.2f}M" if r >= 1e6 else f"{r / 1e3:.1f}k" if r >= 1e3 else f"{r:.0f}"
 
@@ -340,26 +539,29 @@ def fmt_time(s):
 
 
 class ShardWriter:
-    """The shards of one dataset and progress.json, the record of every complete shard and of
-    where the source stream stands after it (document index, token offset in that document)."""
-    def __init__(self, out, build, shard_size, fresh):
+    """The shards of one dataset, built in the folder `out` (data/<dataset>/STAGE), and
+    progress.json, the record of every complete shard and of where the source stream stands
+    after it (document index, token offset in that document)."""
+    def __init__(self, out, build, shard_size, fresh, undo):
         self.out, self.shard_size = out, shard_size
         self.path = os.path.join(out, 'progress.json')
         state = None
         if not fresh and os.path.exists(self.path):
-            with open(self.path) as f:
-                state = json.load(f)
-            if not state.get('shards'):
+            try:
+                with open(self.path) as f:
+                    state = json.load(f)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read {self.path} ({type(e).__name__}); pass --resume=false to start "
+                                "over") from None
+            if not isinstance(state, dict) or not state.get('shards'):
                 state = None  # nothing kept yet: nothing to protect
             elif state.get('build') != build:
                 diff = [f"{k} {state.get('build', {}).get(k)!r} vs {v!r}" for k, v in build.items()
                         if state.get('build', {}).get(k) != v]
                 raise UserError(f"{out} holds an unfinished run with other settings ({'; '.join(diff)}); "
                                 "rerun with those settings to finish it, or pass --resume=false to start over")
-        if state is None:  # start over: nothing a loader could read is left behind
-            for name in os.listdir(out):
-                if name == 'meta.json' or name.endswith(('.bin', '.bin.tmp')) or name == 'progress.json':
-                    os.remove(os.path.join(out, name))
+        if state is None:  # start over in an empty folder
+            new_build(out, undo)
             state = {'build': build, 'streams_done': 0, 'shards': []}
             self.save(state)
         self.state = state
@@ -459,11 +661,11 @@ def write_stream(writer, index, docs, targets, pool, progress):
         writer.flush(split, buf[:fill], index, (doc_base, 0))
         count[split] += fill
     progress.add(0, split, force=True)
-    empty = [s for s, cap in targets[t + 1:] if cap != 0] + ([split] if count[split] == 0 else [])
-    if empty:
-        raise UserError(f"the source ended after {sum(count.values()):,} tokens, leaving the {empty[0]} split "
-                        f"empty (" + ', '.join(f"{s} {count[s]:,}" for s, _ in targets) + "); lower "
-                        "--val_tokens and pass --resume=false")
+    short = [s for s, cap in targets if count[s] < min(MIN_SPLIT_TOKENS, MIN_SPLIT_TOKENS if cap is None else cap)]
+    if short:
+        raise UserError(f"the source ended after {sum(count.values()):,} tokens: too few for the {short[0]} split ("
+                        + ', '.join(f"{s} {count[s]:,}" for s, _ in targets) + f"; a split needs {MIN_SPLIT_TOKENS} "
+                        "at least); give a longer source" + (" or lower --val_tokens" if len(targets) > 1 else ''))
 
 
 def source_version(name, spec, files):
@@ -478,7 +680,7 @@ def source_version(name, spec, files):
     return f"{spec.about}; local files"
 
 
-def prepare_bpe(name, c):
+def prepare_bpe(name, c, undo):
     """Prepare one of BPE_DATASETS with GPT-2 BPE: shards + meta.json under data_dir/name."""
     global _ENC
     spec = BPE_DATASETS[name]
@@ -486,9 +688,9 @@ def prepare_bpe(name, c):
         files = {'train': [os.path.abspath(shakespeare_path(c.input, c.data_dir))]}
     else:
         files = local_files(c.input, spec) if c.input else None
+    if files:
+        check_files(files)
     vt = spec.val_tokens if c.val_tokens < 0 else c.val_tokens
-    if c.shard_size < 1 or c.max_tokens < 1:
-        raise UserError("--shard_size and --max_tokens must be positive")
     splits = list(files) if files else list(spec.splits)
     streams = []  # (source split, [(our split, cap), ...]): val first, so it is the head when carved
     if 'val' in splits:
@@ -503,12 +705,15 @@ def prepare_bpe(name, c):
              'shard_size': c.shard_size, 'text_field': c.text_field}
     build = json.loads(json.dumps(build))  # tuples -> lists, as read back from progress.json
     out = os.path.join(c.data_dir, name)
-    os.makedirs(out, exist_ok=True)
+    stage = os.path.join(out, STAGE)
     meta_path = os.path.join(out, 'meta.json')
     if c.resume and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        if old.get('build') == build:
+        try:
+            with open(meta_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = {}  # unreadable: prepare it again
+        if isinstance(old, dict) and old.get('build') == build:
             for split, info in old['splits'].items():
                 for shard, n in zip(info['shards'], info['tokens']):
                     p = os.path.join(out, shard)
@@ -521,7 +726,7 @@ def prepare_bpe(name, c):
         check_network(spec.hub)  # before anything is written
     _ENC = gpt2_encoding()
     n_proc = c.num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())
-    writer = ShardWriter(out, build, c.shard_size, fresh=not c.resume)
+    writer = ShardWriter(stage, build, c.shard_size, not c.resume, undo)
     caps = [cap for _, targets in streams for _, cap in targets]
     total = None if None in caps else sum(caps)
     progress = Progress(total, sum(s['tokens'] for s in writer.state['shards']))
@@ -535,17 +740,20 @@ def prepare_bpe(name, c):
             for i, (src, targets) in enumerate(streams):
                 if i < writer.state['streams_done']:
                     continue
+                docs = read_checked(read_docs(spec, src, files and files[src], c.text_field), src,
+                                    files and files[src])
                 try:
-                    write_stream(writer, i, read_docs(spec, src, files and files[src], c.text_field), targets,
-                                 pool, progress)
-                except OSError as e:  # network drops, unreadable files: the shards written so far stay
-                    raise UserError(f"reading {src} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                                    "rerun the same command to continue after the last complete shard") from None
+                    write_stream(writer, i, docs, targets, pool, progress)
+                except OSError as e:  # a full disk: the shards written so far stay
+                    raise UserError(f"writing {stage} failed ({type(e).__name__}: {first_line(e)}); rerun the same "
+                                    "command to continue after the last complete shard", EXIT_RESUMABLE) from None
                 writer.state['streams_done'] = i + 1
                 writer.save()
         except KeyboardInterrupt:
-            raise UserError(f"interrupted; {len(writer.state['shards'])} complete shards are kept in {out}: "
-                            "rerun the same command to continue", EXIT_RESUMABLE) from None
+            kept = len(writer.state['shards'])
+            raise UserError(f"interrupted; {kept} complete shards are kept in {stage}: rerun the same command to "
+                            "continue" if kept else "interrupted before the first shard was complete: nothing is "
+                            "kept; rerun the same command to start again", EXIT_RESUMABLE) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
     dt = time.time() - progress.t0
@@ -556,8 +764,7 @@ def prepare_bpe(name, c):
             'dtype': 'uint16', 'source': source, 'version': source_version(name, spec, files),
             'documents': 'the end-of-text token (eot_id) precedes every document',
             'tokens': sum(sum(e['tokens']) for e in splits.values()), 'splits': splits, 'build': build}
-    write_meta(out, meta)
-    os.remove(writer.path)
+    publish(stage, out, meta)
     print(f"wrote {out}: " + ', '.join(f"{s} {sum(e['tokens']):,} tokens in {len(e['shards'])} shard(s)"
                                        for s, e in splits.items()))
 
@@ -570,43 +777,15 @@ def _raise_interrupt(signum, frame):
 
 
 def load_reference(ref_path, meta, dev):
-    """(logits function (B, T) -> (B, T, >= vocab), block size, description) of the reference LM."""
-    if ref_path.startswith('hf:'):
-        return load_hf_reference(ref_path[3:], meta, dev)
-    from diffusion import load_checkpoint
-    model, ckpt = load_checkpoint(ref_path, dev)
-    if ckpt['objective'] != 'gpt':
-        raise UserError(f"--ref={ref_path} is a {ckpt['objective']} run; the entropy reference must be a causal "
-                        "LM trained with gpt.py")
-    rm = ckpt['meta']
-    if (rm.get('tokenizer'), rm.get('vocab_size'), rm.get('chars')) != \
-            (meta.get('tokenizer'), meta.get('vocab_size'), meta.get('chars')):
-        raise UserError(f"--ref={ref_path} was trained on {rm.get('dataset')} ({rm.get('tokenizer')}, vocabulary "
-                        f"{rm.get('vocab_size')}) but {meta['dataset']} has ({meta['tokenizer']}, vocabulary "
-                        f"{meta['vocab_size']}): the vocabularies must match")
-    return model, model.cfg.block_size, f"gpt.py checkpoint {os.path.abspath(ref_path)} (step {ckpt['step']})"
-
-
-def load_hf_reference(name, meta, dev):
-    """GPT-2 from transformers, optional: local weights only (a folder or the HF cache)."""
-    if meta['tokenizer'] != 'gpt2':
-        raise UserError(f"--ref=hf:{name} is a GPT-2 BPE model but {meta['dataset']} is tokenised as "
-                        f"{meta['tokenizer']!r}")
-    try:
-        import transformers
-    except ImportError:
-        raise UserError(f"--ref=hf:{name} needs the transformers package (pip install transformers) and local "
-                        "GPT-2 weights; or pass a gpt.py out_dir") from None
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=True)
-    except OSError as e:
-        raise UserError(f"no local weights for hf:{name} ({str(e).splitlines()[0][:160]}); download them where "
-                        "there is network (or pass a folder holding config.json and the weights)") from None
-    if model.config.vocab_size < meta['vocab_size']:
-        raise UserError(f"hf:{name} has {model.config.vocab_size} tokens, fewer than {meta['vocab_size']}")
-    model.to(dev).eval()
-    block = getattr(model.config, 'n_positions', None) or model.config.max_position_embeddings
-    return (lambda idx: model(idx).logits), block, f"transformers {name}"
+    """(logits function (B, T) -> (B, T, >= vocab), block size, description) of the reference LM:
+    evaluate.py's reference loader (a gpt.py run, or hf:NAME through transformers)."""
+    from evaluate import load_ref
+    ref = load_ref(ref_path if os.path.exists(ref_path) or ref_path.startswith('hf:') else f'{ref_path}.pt', dev,
+                   contextlib.nullcontext())
+    if not ref.same_vocab(meta):
+        raise UserError(f"--ref={ref_path} ({ref.name}) does not use the vocabulary of {meta['dataset']} "
+                        f"({meta['tokenizer']}, {meta['vocab_size']} tokens): the vocabularies must match")
+    return (lambda idx: ref.fwd(idx)[0]), ref.block_size, ref.name
 
 
 def entropy_windows(sizes, block, cap):
@@ -691,17 +870,24 @@ def make_entropy(c):
 
 
 DATASETS = {'shakespeare_char': prepare_shakespeare_char,
-            **{name: (lambda c, name=name: prepare_bpe(name, c)) for name in BPE_DATASETS}}
+            **{name: (lambda c, undo, name=name: prepare_bpe(name, c, undo)) for name in BPE_DATASETS}}
 
 
 def main(argv=None):
     """Settings are applied to a copy of this module's globals, so main can be called again
-    (tests do) without one call's settings leaking into the next."""
+    (tests do) without one call's settings leaking into the next. A run that fails leaves
+    data_dir as it found it (Undo)."""
     c = configure(dict(globals()), argv, rules={'dataset': one_of(DATASETS)}, verbose=False)
-    if c.entropy:
-        make_entropy(c)
-    else:
-        DATASETS[c.dataset](c)
+    check_settings(c)
+    undo = Undo(c.data_dir, c.dataset)
+    try:
+        if c.entropy:
+            make_entropy(c)
+        else:
+            DATASETS[c.dataset](c, undo)
+    except BaseException as e:
+        undo(resumable=isinstance(e, UserError) and e.code == EXIT_RESUMABLE)
+        raise
 
 
 if __name__ == '__main__':
