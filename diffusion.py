@@ -26,7 +26,6 @@ import errno
 import fcntl
 import gc
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -133,30 +132,26 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 # -----------------------------------------------------------------------------
-# configuration: configure(globals()) applies a config file and --key=value overrides
+# configuration: configure(globals()) applies config files and --key=value overrides
 
 
 class Config(dict):
     """Resolved settings with attribute access (c.batch_size); .explicit: the keys the user set."""
     explicit = frozenset()
 
-    def __getattr__(self, key):
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
+    def __getattr__(self, k):
+        return self[k] if k in self else object.__getattribute__(self, k)
 
-    def __setattr__(self, key, value):
-        if key == 'explicit':
-            object.__setattr__(self, key, frozenset(value))
-        else:
-            self[key] = value
+    def __setattr__(self, k, v):
+        object.__setattr__(self, k, frozenset(v)) if k == 'explicit' else self.__setitem__(k, v)
 
 
 def settings_of(g):
     """The settings in a module's globals: lowercase names bound to bool/int/float/str/None."""
-    return {k: v for k, v in g.items() if k.islower() and not k.startswith('_')
-            and (v is None or type(v) in (bool, int, float, str))}
+    return {k: v for k, v in g.items() if k.islower() and not k.startswith('_') and type(v) in SETTING_TYPES}
+
+
+SETTING_TYPES = (bool, int, float, str, type(None))
 
 
 def shared_settings():
@@ -164,153 +159,110 @@ def shared_settings():
     return {k: v for k, v in settings_of(globals()).items() if k not in DIFFUSION_ONLY}
 
 
-# Rules: (test, what it must be). configure checks each explicit value against its rule.
-def one_of(options):
+def one_of(options):  # rules: (test, text); configure checks the values given against them
     return lambda v: v in options, 'one of ' + ', '.join(map(str, options))
 
 
 def at_least(lo, optional=False):
-    return lambda v: (optional and v is None) or (v is not None and v >= lo), f">= {lo}" + (" or None" if optional else "")
+    return lambda v: (optional and v is None) or (v is not None and v >= lo), f">= {lo}" + (" or None" * optional)
 
 
 def in_range(lo, hi, hi_open=False):
     return (lambda v: lo <= v < hi if hi_open else lo <= v <= hi), f"in [{lo}, {hi}{')' if hi_open else ']'}"
 
 
-def _parse(text, default):
-    """Text from the command line -> a value of default's type (a None default takes any literal)."""
-    if isinstance(default, bool):
-        if text.lower() in ('true', '1', 'yes', 'on'):
-            return True
-        if text.lower() in ('false', '0', 'no', 'off'):
-            return False
-        raise ValueError
-    if isinstance(default, int):
-        v = float(text)                   # 1e9 is fine for an integer setting, 2.5 is not
-        if not v.is_integer():
-            raise ValueError
-        return int(v)
-    if isinstance(default, float):
-        return float(text)
-    if default is None:
+def _value(key, value, default):
+    """value (text from the command line, or a literal from a config file) as default's type."""
+    kind = type(default)
+    if isinstance(value, str) and kind not in (str, type(None)):
+        low = value.lower()
+        if kind is bool and low in ('true', '1', 'yes', 'on', 'false', '0', 'no', 'off'):
+            return low in ('true', '1', 'yes', 'on')
         with contextlib.suppress(ValueError, SyntaxError):
-            return ast.literal_eval(text)
-    return text
-
-
-def _fits(value, default):
-    """A literal from a config file has default's type (an int is fine for a float)."""
-    if default is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return type(value) is type(default)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    return isinstance(value, type(default)) or (isinstance(default, int) and isinstance(value, float)
-                                               and value.is_integer())
+            value = float(value) if kind is not bool else value   # 1e9 is fine for an int setting
+    elif isinstance(value, str) and default is None:
+        with contextlib.suppress(ValueError, SyntaxError):
+            return ast.literal_eval(value)
+    if kind is float and type(value) in (int, float):
+        return float(value)
+    if kind is int and type(value) is float and value.is_integer():
+        return int(value)
+    if default is None or type(value) is kind:
+        return value
+    raise UserError(f"--{key}={value!r}: expected {kind.__name__} like the default {default!r}", EXIT_USAGE)
 
 
 def read_config_file(path):
     """A config file holds `name = literal` lines only; it is parsed, never executed."""
     try:
-        with open(path) as f:
-            tree = ast.parse(f.read(), path)
+        tree = ast.parse(open(path).read(), path)
+        return {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
+                if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))}   # docstrings aside
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}", EXIT_USAGE) from None
-    except SyntaxError as e:
-        raise UserError(f"{path}:{e.lineno}: syntax error in config file", EXIT_USAGE) from None
-    out = {}
-    for node in tree.body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # a docstring
-        try:
-            assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-            out[node.targets[0].id] = ast.literal_eval(node.value)
-        except (AssertionError, ValueError):
-            raise UserError(f"{path}:{node.lineno}: a config file may only hold `name = value` lines (values are literals)",
-                            EXIT_USAGE) from None
-    return out
+    except (SyntaxError, ValueError, AttributeError, IndexError):
+        raise UserError(f"{path}: a config file may only hold `name = value` lines (values are literals)",
+                        EXIT_USAGE) from None
 
 
 def _closest(key, keys):
     def score(k):
-        initials = ''.join(w[0] for w in k.split('_') if w)
-        return max(difflib.SequenceMatcher(None, key, k).ratio(), 1.0 if key == initials else 0.0,
-                   0.9 if k.startswith(key) else 0.0)
+        initials = ''.join(w[0] for w in k.split('_') if w)   # lr -> learning_rate
+        return max(difflib.SequenceMatcher(None, key, k).ratio(), key == initials, 0.9 * k.startswith(key))
     return max(sorted(keys), key=score)
 
 
-def setting_comments(path):
-    """{name: the comment after `name = ...` at the top level of a script}: the --help texts."""
-    out = {}
-    with contextlib.suppress(OSError):
+def print_help(keys, rules, sources):
+    """Every setting with its default, its rule and the comment after it in the source."""
+    doc = {}
+    for path in sources:
         for line in open(path):
             name, eq, rest = line.partition('=')
             if eq and name.strip().isidentifier() and not line[0].isspace() and '#' in rest:
-                out.setdefault(name.strip(), rest.split('#', 1)[1].strip())
-    return out
-
-
-def print_help(keys, rules, sources):
-    doc = {}
-    for path in sources:
-        doc.update(setting_comments(path))
-    print(f"usage: python {os.path.basename(sys.argv[0])} [config.py ...] [--key=value ...]\n\nsettings "
-          "(defaults; a config file holds `name = value` lines):")
+                doc[name.strip()] = rest.split('#', 1)[1].strip()
+    print(f"usage: python {os.path.basename(sys.argv[0])} [config.py ...] [--key=value ...]\n\nsettings:")
     for k, v in keys.items():
-        rule = f" [{rules[k][1]}]" if k in rules else ''
-        print(f"  --{k}={v!r}{rule}\n      {doc.get(k, '')}")
+        print(f"  --{k}={v!r}" + (f"  [{rules[k][1]}]" if k in rules else '') + f"\n      {doc.get(k, '')}")
 
 
 def configure(g, argv=None, rules=None, sources=None, verbose=True):
     """Override the settings in g (a script's globals(), or a dict of defaults) from config files
-    and --key=value args, type-checked against the defaults and checked against rules
-    ({name: (test, text)}). Unknown keys and bad values raise UserError naming the closest key;
-    --help / -h prints every setting with its default, rule and comment (from sources, the files
-    defining them) and exits 0. Updates g in place and returns the resolved Config."""
+    and --key=value args: types follow the defaults, values must pass rules ({name: (test, text)}),
+    an unknown key is an error naming the closest one. --help/-h lists the settings (comments
+    from sources, the files that define them) and exits 0. Updates g; returns the Config."""
     argv = sys.argv[1:] if argv is None else argv
-    keys, rules = settings_of(g), rules or {}
+    keys, rules, explicit = settings_of(g), rules or {}, []
     if '--help' in argv or '-h' in argv:
-        print_help(keys, rules, sources or [g.get('__file__', '')])
+        print_help(keys, rules, sources or [g['__file__']])
         sys.exit(0)
-    explicit = []
     for arg in argv:
-        if arg.endswith('.py') and not arg.startswith('--'):
-            items = [(k, v, f'{arg}: ') for k, v in read_config_file(arg).items()]
-        elif arg.startswith('--'):
-            key, eq, text = arg[2:].partition('=')
-            items = [(key.replace('-', '_'), text if eq else None, '--')]
+        if arg.startswith('--'):
+            key, eq, value = arg[2:].partition('=')
+            items = [(key.replace('-', '_'), value if eq else None)]
+        elif arg.endswith('.py'):
+            items = read_config_file(arg).items()
         else:
-            raise UserError(f"unexpected argument {arg!r}: use --key=value or a config file (--help lists "
-                            "the settings)", EXIT_USAGE)
-        for key, value, where in items:
+            raise UserError(f"unexpected argument {arg!r}: use --key=value or a config file (--help lists the "
+                            "settings)", EXIT_USAGE)
+        for key, value in items:
             if key not in keys:
-                raise UserError(f"unknown setting {where}{key}; the closest valid one is --{_closest(key, keys)} "
+                raise UserError(f"unknown setting {key}; the closest valid one is --{_closest(key, keys)} "
                                 "(--help lists them)", EXIT_USAGE)
-            default, from_text = keys[key], where == '--'
-            if from_text and value is None:  # --compile means --compile=true
-                if not isinstance(default, bool):
+            if value is None:  # --compile means --compile=true
+                if type(keys[key]) is not bool:
                     raise UserError(f"{arg}: expected --{key}=value", EXIT_USAGE)
-                value = 'true'
-            try:
-                if not from_text and not _fits(value, default):
-                    raise ValueError
-                v = _parse(value, default) if from_text else value
-            except (ValueError, OverflowError):
-                kind = type(default).__name__ if default is not None else 'a literal'
-                raise UserError(f"--{key}={value!r}: expected {kind} like the default {default!r}",
-                                EXIT_USAGE) from None
-            g[key] = float(v) if isinstance(default, float) else int(v) if type(default) is int else v
+                value = True
+            g[key] = _value(key, value, keys[key])
+            test, text = rules.get(key, (lambda v: True, ''))
+            if not test(g[key]):
+                raise UserError(f"--{key}={g[key]!r}: must be {text}", EXIT_USAGE)
             explicit.append(key)
     cfg = Config(settings_of(g))
-    for key in explicit:
-        test, text = rules.get(key, (None, None))
-        if test is not None and not test(cfg[key]):
-            raise UserError(f"--{key}={cfg[key]!r}: must be {text}", EXIT_USAGE)
     cfg.explicit = explicit
     if verbose:
         print0('config: ' + ' '.join(f'{k}={v!r}' for k, v in cfg.items()))
     return cfg
+
 # -----------------------------------------------------------------------------
 # the model: one transformer for both objectives; only ModelConfig.causal differs
 
@@ -1042,30 +994,6 @@ def script_info(path):
         return {'path': os.path.abspath(path), 'sha256': hashlib.sha256(f.read()).hexdigest()}
 
 
-def import_script(path):
-    """The module of a script file (a copy of diffusion.py, say), imported once; its folder goes on
-    sys.path so that a copied gpt.py finds the copied diffusion.py it imports."""
-    path = os.path.realpath(path)
-    for mod in list(sys.modules.values()):
-        if os.path.realpath(getattr(mod, '__file__', None) or '-') == path and mod.__name__ != '__main__':
-            return mod
-    name = os.path.splitext(os.path.basename(path))[0]
-    if name in sys.modules:  # another file of the same name is loaded: keep both apart
-        name = f"{name}_{hashlib.sha256(path.encode()).hexdigest()[:8]}"
-    if os.path.dirname(path) not in sys.path:
-        sys.path.append(os.path.dirname(path))
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except Exception as e:
-        del sys.modules[name]
-        raise UserError(f"cannot import {path}, the script that made this checkpoint ({type(e).__name__}: "
-                        f"{str(e)[:100]})") from None
-    return mod
-
-
 def read_checkpoint(path, device='cpu'):
     """torch.load(weights_only=True) with one-line errors for missing, corrupt or foreign files."""
     if os.path.isdir(path):
@@ -1098,50 +1026,6 @@ def build_model(ckpt, path='checkpoint'):
         first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)[:160]]
         raise UserError(f"{path}: weights do not match the stored model config ({first[0][:160]})") from None
     return model
-
-
-@dataclass
-class Run:
-    """A checkpoint brought back by the script that trained it (see load_run)."""
-    model: nn.Module        # the script's Transformer, weights loaded, in eval mode on the device
-    ckpt: dict
-    script: object          # the script's module (diffusion.py, gpt.py or a copy of either)
-    objective: object       # the script's objective built with the run's settings: .schedule etc.
-    tokenizer: Tokenizer
-
-
-def load_run(path, device='cpu', finite=True):
-    """A checkpoint's model and objective, rebuilt from the classes of the script that made it
-    (ckpt['script']; checkpoints from before it was recorded use this folder's diffusion.py or
-    gpt.py). One-line errors when that script is gone, changed so that it no longer fits, or
-    the weights are not finite (a diverged run: use its best.pt)."""
-    ckpt = read_checkpoint(path, device)
-    path = ckpt['path']
-    info = ckpt.get('script') or {'path': os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                       f"{ckpt['objective']}.py")}
-    if not os.path.exists(info['path']):
-        raise UserError(f"{path} was made by {info['path']}, which is gone; put that script back (or copy it "
-                        "there) to use this checkpoint")
-    changed = 'sha256' in info and script_info(info['path'])['sha256'] != info['sha256']
-    mod = import_script(info['path'])
-    try:
-        model = mod.build_model(ckpt, path).to(device).eval()
-        defaults = getattr(mod, 'DEFAULTS', None) or mod.settings_of(vars(mod))  # gpt.py: DEFAULTS
-        objective = mod.OBJECTIVE(mod.Config(defaults, **ckpt['config']), ckpt['meta'])
-    except Exception as e:
-        if not changed:
-            raise
-        raise UserError(f"{info['path']} changed since it wrote {path} and no longer fits it "
-                        f"({type(e).__name__}: {str(e)[:120]})") from None
-    if finite and not all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point()):
-        raise UserError(f"{path} holds non-finite weights (the run diverged); use the run's best.pt instead")
-    return Run(model, ckpt, mod, objective, Tokenizer(ckpt['meta']))
-
-
-def load_checkpoint(path, device='cpu'):
-    """(model in eval mode on device, checkpoint dict), rebuilt by the script that made it."""
-    run = load_run(path, device)
-    return run.model, run.ckpt
 
 
 def rng_state():

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 import sample
 from diffusion import (EXIT_USAGE, Schedule, TokenData, Tokenizer, UserError, at_least, atomic_write_text,
-                       autocast_for, check_same_data, configure, fingerprint, in_range, load_meta, load_run,
+                       autocast_for, check_same_data, configure, fingerprint, in_range, load_meta,
                        mask_uniform, masked_ce, one_of, read_checkpoint, read_log, resolve_device, rng, run_cli,
                        settings_of, stratified_times)
 
@@ -404,7 +404,7 @@ class RefModel:
 
 def gpt_ref(path, device, autocast):
     """A gpt.py run as the reference; its final-norm output (a forward hook) gives features."""
-    run = load_run(path, device)
+    run = sample.load_run(path, device)
     model, ckpt = run.model, run.ckpt
     if ckpt['objective'] != 'gpt':
         raise UserError(f"--ref={path} holds a {ckpt['objective']} run; the reference must be autoregressive "
@@ -641,7 +641,7 @@ def evaluate_run(run_dir, c, log=print):
         run_dir = os.path.dirname(run_dir) or '.'
     dev = resolve_device(c.device)
     autocast = autocast_for(dev, c.dtype)
-    run = load_run(run_dir, dev)
+    run = sample.load_run(run_dir, dev)
     model, ckpt, path = run.model, run.ckpt, run.ckpt['path']
     objective, meta, cfg = ckpt['objective'], ckpt['meta'], ckpt['config']
     char = meta['tokenizer'] == 'char'

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import diffusion
-from diffusion import Config, KVCache, build_model, configure, filter_logits, run_cli, train  # noqa: F401 (load_run)
+from diffusion import Config, KVCache, build_model, configure, filter_logits, run_cli, settings_of, train  # noqa: F401 (sample.load_run)
 
 # settings: diffusion.py's, less its diffusion block, with these defaults changed
 DEFAULTS = dict(diffusion.shared_settings(), out_dir='')   # out_dir '' = out/gpt-<dataset>
@@ -55,7 +55,7 @@ class GPTObjective:
         return tokenizer.decode(x[0].tolist())
 
 
-OBJECTIVE = GPTObjective   # what diffusion.load_run builds for this script's checkpoints
+OBJECTIVE = GPTObjective   # what sample.load_run builds for this script's checkpoints
 
 
 @torch.no_grad()

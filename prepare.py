@@ -780,8 +780,7 @@ def load_reference(ref_path, meta, dev):
     """(logits function (B, T) -> (B, T, >= vocab), block size, description) of the reference LM:
     evaluate.py's reference loader (a gpt.py run, or hf:NAME through transformers)."""
     from evaluate import load_ref
-    ref = load_ref(ref_path if os.path.exists(ref_path) or ref_path.startswith('hf:') else f'{ref_path}.pt', dev,
-                   contextlib.nullcontext())
+    ref = load_ref(ref_path, dev, contextlib.nullcontext())
     if not ref.same_vocab(meta):
         raise UserError(f"--ref={ref_path} ({ref.name}) does not use the vocabulary of {meta['dataset']} "
                         f"({meta['tokenizer']}, {meta['vocab_size']} tokens): the vocabularies must match")

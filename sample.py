@@ -45,19 +45,23 @@ collide with the text. Masked tokens print as `_`.
 Every sample i of a batch draws its randomness from its own generator seeded with seed + i, so
 a batch of N equals N single runs with seeds seed..seed+N-1, and runs are deterministic.
 """
+import hashlib
+import importlib.util
 import json
 import math
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import (EXIT_USAGE, Schedule, UserError, all_logits, at_least, atomic_write_text, configure, generate,
-                       in_range, load_run, one_of, print0, resolve_device, run_cli, sample_categorical, time_grid,
-                       uniform)
+from diffusion import (EXIT_USAGE, Schedule, Tokenizer, UserError, all_logits, at_least, atomic_write_text, configure,
+                       generate, in_range, one_of, print0, read_checkpoint, resolve_device, run_cli, sample_categorical,
+                       script_info, time_grid, uniform)
 
 # -----------------------------------------------------------------------------
 out_dir = ''                    # run folder holding ckpt.pt (diffusion.py or gpt.py)
@@ -88,6 +92,78 @@ RULES = {'sampler': one_of(SAMPLERS), 'remask_score': one_of(REMASK_SCORES), 're
          'steps': at_least(1), 'num_samples': at_least(1), 'max_new_tokens': at_least(-1), 'temperature': at_least(0.0),
          'top_k': at_least(0), 'top_p': in_range(1e-9, 1), 'threshold': in_range(1e-9, 1), 'remdm_eta': at_least(0.0),
          'stride': at_least(0)}
+
+# -----------------------------------------------------------------------------
+# checkpoints come back through the script that made them (diffusion.py, gpt.py or a copy)
+
+
+def import_script(path):
+    """The module of a script file (a copy of diffusion.py, say), imported once; its folder goes on
+    sys.path so that a copied gpt.py finds the copied diffusion.py it imports."""
+    path = os.path.realpath(path)
+    for mod in list(sys.modules.values()):
+        if os.path.realpath(getattr(mod, '__file__', None) or '-') == path and mod.__name__ != '__main__':
+            return mod
+    name = os.path.splitext(os.path.basename(path))[0]
+    if name in sys.modules:  # another file of the same name is loaded: keep both apart
+        name = f"{name}_{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    if os.path.dirname(path) not in sys.path:
+        sys.path.append(os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:
+        del sys.modules[name]
+        raise UserError(f"cannot import {path}, the script that made this checkpoint ({type(e).__name__}: "
+                        f"{str(e)[:100]})") from None
+    return mod
+
+
+@dataclass
+class Run:
+    """A checkpoint brought back by the script that trained it (see load_run)."""
+    model: nn.Module        # the script's Transformer, weights loaded, in eval mode on the device
+    ckpt: dict
+    script: object          # the script's module (diffusion.py, gpt.py or a copy of either)
+    objective: object       # the script's objective built with the run's settings: .schedule etc.
+    tokenizer: Tokenizer
+
+
+def load_run(path, device='cpu', finite=True):
+    """A checkpoint's model and objective, rebuilt from the classes of the script that made it
+    (ckpt['script']; checkpoints from before it was recorded use this folder's diffusion.py or
+    gpt.py). One-line errors when that script is gone, changed so that it no longer fits, or
+    the weights are not finite (a diverged run: use its best.pt)."""
+    ckpt = read_checkpoint(path, device)
+    path = ckpt['path']
+    info = ckpt.get('script') or {'path': os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                       f"{ckpt['objective']}.py")}
+    if not os.path.exists(info['path']):
+        raise UserError(f"{path} was made by {info['path']}, which is gone; put that script back (or copy it "
+                        "there) to use this checkpoint")
+    changed = 'sha256' in info and script_info(info['path'])['sha256'] != info['sha256']
+    mod = import_script(info['path'])
+    try:
+        model = mod.build_model(ckpt, path).to(device).eval()
+        defaults = getattr(mod, 'DEFAULTS', None) or mod.settings_of(vars(mod))  # gpt.py: DEFAULTS
+        objective = mod.OBJECTIVE(mod.Config(defaults, **ckpt['config']), ckpt['meta'])
+    except Exception as e:
+        if not changed:
+            raise
+        raise UserError(f"{info['path']} changed since it wrote {path} and no longer fits it "
+                        f"({type(e).__name__}: {str(e)[:120]})") from None
+    if finite and not all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point()):
+        raise UserError(f"{path} holds non-finite weights (the run diverged); use the run's best.pt instead")
+    return Run(model, ckpt, mod, objective, Tokenizer(ckpt['meta']))
+
+
+def load_checkpoint(path, device='cpu'):
+    """(model in eval mode on device, checkpoint dict), rebuilt by the script that made it."""
+    run = load_run(path, device)
+    return run.model, run.ckpt
+
 
 # -----------------------------------------------------------------------------
 # building blocks shared by the samplers

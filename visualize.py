@@ -33,7 +33,7 @@ import torch
 
 import diffusion
 import sample
-from diffusion import Tokenizer, UserError, at_least, atomic_write_text, configure, load_run, one_of, resolve_device, run_cli
+from diffusion import Tokenizer, UserError, at_least, atomic_write_text, configure, one_of, resolve_device, run_cli
 
 # -----------------------------------------------------------------------------
 diffusion_dir = ''              # diffusion run folder (holds ckpt.pt); '' = diffusion.py's default out_dir
@@ -157,7 +157,7 @@ def load_runs(c, dev):
                         f"at a run folder; --diffusion_only/--gpt_only race one model)")
     out = []
     for obj, d in wanted:
-        run = load_run(d, dev)
+        run = sample.load_run(d, dev)
         ckpt = run.ckpt
         if ckpt['objective'] != obj:
             raise UserError(f"--{obj}_dir={d} holds a {ckpt['objective']} checkpoint; pass it as "

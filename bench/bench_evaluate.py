@@ -25,7 +25,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import evaluate  # noqa: E402
-from diffusion import (TokenData, UserError, atomic_write_text, configure, load_checkpoint, run_cli,  # noqa: E402
+from sample import load_checkpoint  # noqa: E402
+from diffusion import (TokenData, UserError, atomic_write_text, configure, run_cli,  # noqa: E402
                        settings_of)
 
 # -----------------------------------------------------------------------------

@@ -25,8 +25,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import diffusion  # noqa: E402
 from diffusion import (DiffusionObjective, ModelConfig, Transformer, UserError, configure,  # noqa: E402
-                       load_checkpoint, make_optimizer, padded_vocab, rng, run_cli)
+                       make_optimizer, padded_vocab, rng, run_cli)
 from gpt import GPTObjective, generate  # noqa: E402
+from sample import load_checkpoint  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = ''                    # a gpt.py run folder; '' = a random-init model of the size below

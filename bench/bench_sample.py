@@ -25,8 +25,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 import sample  # noqa: E402
+from sample import load_checkpoint  # noqa: E402
 from diffusion import (EXIT_USAGE, Schedule, TokenData, Tokenizer, UserError, atomic_write_text, configure,  # noqa: E402
-                       load_checkpoint, rng, run_cli)
+                       rng, run_cli)
 
 # -----------------------------------------------------------------------------
 diffusion_dir = ''              # diffusion.py run folder

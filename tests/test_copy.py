@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import diffusion as D
+import sample as SAMPLE
 from conftest import REPO, TINY, run_script
 
 # The four edits, as a user makes them: (anchor in diffusion.py, replacement). Each anchor occurs once.
@@ -97,11 +98,10 @@ def test_every_script_follows_the_copy(copies, name):
 def test_the_schedule_edit_drives_the_ancestral_sampler(copies):
     """From t=1 to t=1/2 the ancestral sampler reveals (alpha(1/2) - alpha(1)) / (1 - alpha(1)) of
     the masks: 3/4 under the copy's quadratic schedule, 1/2 under linear."""
-    import sample
-    run = D.load_run(copies['schedule'])
+    run = SAMPLE.load_run(copies['schedule'])
     assert run.objective.schedule.name == 'quadratic'
     mask = run.model.cfg.mask_id
-    frames = sample.frames(run.model, 'diffusion', [], 32, num_samples=64, sampler='ancestral', steps=2, seed=0,
+    frames = SAMPLE.frames(run.model, 'diffusion', [], 32, num_samples=64, sampler='ancestral', steps=2, seed=0,
                            schedule=run.objective.schedule)
     _, x, _ = next(frames)
     revealed = (x != mask).double().mean().item()                       # 2048 positions: sd ~0.01
@@ -109,7 +109,7 @@ def test_the_schedule_edit_drives_the_ancestral_sampler(copies):
 
 
 def test_the_masking_edit_is_the_rule_trained_with(copies):
-    run = D.load_run(copies['masking'])
+    run = SAMPLE.load_run(copies['masking'])
     assert run.ckpt['config']['masking'] == 'left_heavy'
     x = torch.zeros(4000, 32, dtype=torch.long)
     alpha = torch.full((4000,), 0.6, dtype=torch.float64)
@@ -120,7 +120,7 @@ def test_the_masking_edit_is_the_rule_trained_with(copies):
 
 
 def test_the_weighting_edit_is_the_loss_trained_with(copies):
-    run = D.load_run(copies['weighting'])
+    run = SAMPLE.load_run(copies['weighting'])
     mod, model = run.script, run.model
     x = torch.randint(0, 60, (8, 32), generator=torch.Generator().manual_seed(0))
     t = torch.linspace(0.1, 0.9, 8, dtype=torch.float64)
@@ -133,7 +133,7 @@ def test_the_weighting_edit_is_the_loss_trained_with(copies):
 
 @pytest.mark.parametrize('name', ['architecture', 'gpt'])
 def test_the_architecture_edit_is_in_the_weights(copies, name):
-    run = D.load_run(copies[name])
+    run = SAMPLE.load_run(copies[name])
     n_embd = run.model.cfg.n_embd
     assert run.model.cfg.mlp_ratio == 3 and run.model.blocks[0].mlp.fc.weight.shape == (3 * n_embd, n_embd)
     assert run.ckpt['model']['blocks.0.mlp.fc.weight'].shape == (3 * n_embd, n_embd)

@@ -16,8 +16,9 @@ import torch
 
 import evaluate as ev
 from conftest import run_script
+from sample import load_checkpoint
 from diffusion import (ModelConfig, Schedule, TokenData, Tokenizer, Transformer, UserError, atomic_save,
-                       diffusion_loss, load_checkpoint, padded_vocab, read_checkpoint, rng, Config)
+                       diffusion_loss, padded_vocab, read_checkpoint, rng, Config)
 
 PROBS = torch.tensor([8, 4, 2, 1, 1], dtype=torch.float64) / 16     # a fixed categorical over 5 tokens
 ENTROPY = float(-(PROBS * PROBS.log()).sum())                       # its entropy, nats

@@ -11,7 +11,8 @@ import sys
 import torch
 
 from conftest import REPO, TINY, run_script
-from diffusion import (EXIT_RESUMABLE, KVCache, ModelConfig, Transformer, build_model, load_checkpoint,
+from sample import load_checkpoint
+from diffusion import (EXIT_RESUMABLE, KVCache, ModelConfig, Transformer, build_model,
                        read_checkpoint)
 from gpt import generate
 

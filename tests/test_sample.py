@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import run_script
-from diffusion import ModelConfig, Schedule, Tokenizer, Transformer, load_checkpoint, sample_categorical
+from diffusion import ModelConfig, Schedule, Tokenizer, Transformer, sample_categorical
 import sample
+from sample import load_checkpoint
 
 DIFFUSION_SAMPLERS = sample.SAMPLERS
 

@@ -14,7 +14,8 @@ import torch
 import sample
 import visualize
 from conftest import REPO, run_script
-from diffusion import Config, Schedule, Tokenizer, UserError, load_checkpoint, settings_of
+from sample import load_checkpoint
+from diffusion import Config, Schedule, Tokenizer, UserError, settings_of
 
 LENGTH, STEPS, WIDTH = 24, 8, 80
 ESC = '\x1b'
