@@ -45,7 +45,7 @@ import torch.nn.functional as F
 # setting that `--key=value` (or a config file) overrides; RULES below gives each its range.
 # gpt.py takes the same ones except the diffusion block.
 # I/O
-out_dir = ''                    # run folder; '' = out/diffusion-<dataset>-<schedule>-<masking>
+out_dir = ''                    # run folder; '' = out/diffusion-<dataset>-<schedule>-<masking> (gpt.py: out/gpt-<dataset>)
 init_from = 'scratch'           # 'scratch' (refuses to overwrite a run) | 'resume' | 'auto' (resume if out_dir has ckpt.pt)
 eval_interval = 200             # steps between validation + checkpoint
 eval_iters = 20                 # validation batches per evaluation
@@ -215,11 +215,11 @@ def _closest(key, keys):
 def print_help(keys, rules, sources):
     """Every setting with its default, its rule and the comment after it in the source."""
     doc = {}
-    for path in sources:
+    for path in sources:  # the first file that comments a setting wins
         for line in open(path):
             name, eq, rest = line.partition('=')
             if eq and name.strip().isidentifier() and not line[0].isspace() and '#' in rest:
-                doc[name.strip()] = rest.split('#', 1)[1].strip()
+                doc.setdefault(name.strip(), rest.split('#', 1)[1].strip())
     print(f"usage: python {os.path.basename(sys.argv[0])} [config.py ...] [--key=value ...]\n\nsettings:")
     for k, v in keys.items():
         print(f"  --{k}={v!r}" + (f"  [{rules[k][1]}]" if k in rules else '') + f"\n      {doc.get(k, '')}")

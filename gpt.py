@@ -107,7 +107,7 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 
 
 def main():
-    train(configure(dict(DEFAULTS), rules=RULES, sources=[diffusion.__file__, __file__]), GPTObjective, __file__)
+    train(configure(dict(DEFAULTS), rules=RULES, sources=[__file__, diffusion.__file__]), GPTObjective, __file__)
 
 
 if __name__ == '__main__':
