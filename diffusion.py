@@ -60,7 +60,7 @@ dataset = 'shakespeare_char'    # folder under data_dir written by prepare.py
 data_dir = 'data'               # where prepare.py writes datasets
 batch_size = 32                 # sequences per micro-step per process
 block_size = 128                # tokens per sequence
-gradient_accumulation_steps = 1 # micro-steps per optimizer step, summed over all DDP processes
+gradient_accumulation_steps = 0 # micro-steps per optimizer step over all DDP processes; 0 = one per process
 # model (see ModelConfig)
 n_layer = 4                     # transformer blocks
 n_head = 4                      # attention heads
@@ -454,7 +454,9 @@ class Transformer(nn.Module):
     def forward(self, idx, mask_rate=None, cache=None, select=None):
         """idx: (B, T) token ids. mask_rate: (B,) fraction masked, used when time_cond.
         cache: a KVCache to read and extend (positions continue from cache.pos).
-        select: optional (B, T) bool; then only those positions' logits are returned, (M, V).
+        select: optional (K,) long, positions of the flattened (B * T) batch; then only those
+        positions' logits are returned, (K, V): the head (a third of a 124M model's FLOPs) runs
+        where the loss needs it, with a shape that does not depend on the data.
         Returns logits (B, T, V) with -inf for MASK and padding ids."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -473,7 +475,7 @@ class Transformer(nn.Module):
             cache.pos += T
         x = self.norm(x)
         if select is not None:
-            x = x[select]                                        # (M, C)
+            x = x.flatten(0, 1).index_select(0, select)          # (K, C)
         logits = self.lm_head(x)                                 # (..., V)
         # SUBS (MDLM): never predict MASK (nor the padding rows)
         return logits.masked_fill(self.invalid_ids(logits.device), float('-inf'))
@@ -603,10 +605,11 @@ def rng(*key):
     return torch.Generator().manual_seed(int.from_bytes(h, 'little') >> 1)
 
 
-def stratified_times(u0, start, count, total, t_min):
-    """Times for sequences start..start+count-1 of a global batch of `total`: one uniform offset
-    u0 shared by the whole batch, then evenly spaced (low-variance, stratified), in [t_min, 1)."""
-    i = torch.arange(start, start + count, dtype=torch.float64)
+def stratified_times(u0, start, count, total, t_min, stride=1):
+    """Times for sequences start, start + stride, ... (count of them) of a global batch of `total`:
+    one uniform offset u0 shared by the whole batch, then evenly spaced (low-variance, stratified),
+    in [t_min, 1). With stride = the number of micro-batches, every micro-batch spans [t_min, 1]."""
+    i = start + stride * torch.arange(count, dtype=torch.float64)
     u = torch.remainder(u0 + i / total, 1.0)
     return t_min + (1 - t_min) * u
 
@@ -616,24 +619,65 @@ def draw_mask(x, p, gen):
     return torch.rand(x.shape, generator=gen, dtype=torch.float64) < p.cpu()
 
 
-def masked_ce(model, x, mask, mask_id, mask_rate=None):
-    """Replace x at mask with MASK, run the model, and return each sequence's summed
-    cross-entropy over its masked positions: (B,) float32. Unmasked positions never count."""
-    mask = mask.to(x.device)
-    z = torch.where(mask, mask_id, x)                           # (B, T)
-    logits = model(z, mask_rate=mask_rate, select=mask)         # (M, V)
-    ce = F.cross_entropy(logits.float(), x[mask], reduction='none')  # (M,) in fp32
-    return torch.zeros(x.shape, device=x.device).masked_scatter(mask, ce).sum(1)
+def masked_ce(model, x, mask, mask_id, mask_rate=None, capacity=None, keys=None):
+    """Replace x at mask with MASK, run the model, and return each sequence's summed cross-entropy
+    over its masked positions: (B,) float32. Unmasked positions never count.
+
+    capacity=None: the head runs at every masked position (a data-dependent shape: evaluation).
+    capacity=K: it runs at K positions of the batch, a shape fixed in advance (compile-clean, no
+    host sync): every masked position when there are at most K, padded with unmasked ones weighted
+    0; else a uniform random K of the M masked ones (the smallest keys, (B, T) uniforms independent
+    of the mask given it) weighted M / K, which keeps every sum unbiased (Horvitz-Thompson)."""
+    z = torch.where(mask, mask_id, x)                                   # (B, T)
+    flat = mask.flatten()                                               # (B * T,)
+    if capacity is None:
+        idx, weight = flat.nonzero().squeeze(1), 1.0                    # (M,)
+    elif capacity >= flat.numel():
+        idx, weight = torch.arange(flat.numel(), device=x.device), flat.float()
+    else:
+        idx = torch.where(flat, keys.flatten(), 2.0).topk(capacity, largest=False).indices   # (K,) masked first
+        weight = flat[idx] * (flat.sum() / capacity).clamp(min=1)      # (K,)
+    logits = model(z, mask_rate=mask_rate, select=idx)                  # (K, V)
+    ce = F.cross_entropy(logits.float(), x.flatten()[idx], reduction='none') * weight   # fp32
+    return torch.zeros(flat.shape, device=x.device).index_add(0, idx, ce).view(x.shape).sum(1)
+
+
+def nelbo_terms(model, x, t, u, schedule, mask_id, t_min=0.0, masking='uniform', weighting='nelbo',
+                objective=None, capacity=None):
+    """The loss on clean tokens x (B, T) at times t (B,) with mask uniforms u (B, T) (both float64,
+    on x's device): a token is masked when u < its masking probability. Pure tensor code with
+    static shapes (given a capacity), so torch.compile takes it whole. Returns (loss, per_seq)."""
+    alpha = schedule.alpha(t)                                           # (B,)
+    p = MASKINGS[masking](x, alpha, objective)                          # (B, T)
+    mask = u < p
+    ce_sum = masked_ce(model, x, mask, mask_id, (1 - alpha).float(), capacity, keys=u / p)
+    return LOSS_WEIGHTINGS[weighting](ce_sum, mask.sum(1), t, schedule, t_min, x.size(1))
 
 
 def diffusion_loss(model, x, t, schedule, mask_id, gen, t_min=0.0, masking='uniform', weighting='nelbo',
-                   objective=None):
-    """The training loss on clean tokens x (B, T) at times t (B,) float64 on the CPU, with a
-    masking rule and a loss weighting named in MASKINGS and LOSS_WEIGHTINGS. Returns (loss, per_seq)."""
-    alpha = schedule.alpha(t)
-    mask = draw_mask(x, MASKINGS[masking](x, alpha.to(x.device), objective), gen)
-    ce_sum = masked_ce(model, x, mask, mask_id, (1 - alpha).float().to(x.device))
-    return LOSS_WEIGHTINGS[weighting](ce_sum, mask.sum(1).to(x.device), t, schedule, t_min, x.size(1))
+                   objective=None, capacity=None):
+    """nelbo_terms with the mask uniforms drawn from gen (on the CPU, so that the draws are the same
+    on every device) and t (B,) given on the CPU. Returns (loss, per_seq)."""
+    u = torch.rand(x.shape, generator=gen, dtype=torch.float64)
+    return nelbo_terms(model, x, to_device(t, x.device), to_device(u, x.device), schedule, mask_id, t_min, masking,
+                       weighting, objective, capacity)
+
+
+def to_device(tensor, dev):
+    """Host to device without stalling the device's queue (pinned memory, non-blocking copy)."""
+    return tensor.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else tensor.to(dev)
+
+
+def head_capacity(B, T, schedule, masking, t_min):
+    """How many positions of a (B, T) micro-batch get the output head: the largest expected number
+    of masked tokens over the offsets of stratified times spread over the micro-batch, plus 4
+    standard deviations (more masked tokens than this are subsampled without bias: masked_ce).
+    Entropy masking scales rates by up to 1.5."""
+    s = torch.linspace(0, 1 / B, 65, dtype=torch.float64)[:, None]    # offsets of the B strata
+    t = t_min + (1 - t_min) * torch.remainder(s + torch.arange(B, dtype=torch.float64) / B, 1.0)
+    rate = (1 - schedule.alpha(t)) * (1.5 if masking != 'uniform' else 1.0)
+    mean = float(rate.clamp(max=1).mean(1).max()) * B * T
+    return min(B * T, math.ceil(mean + 4 * math.sqrt(B * T / 4)))
 
 
 class DiffusionObjective:
@@ -648,6 +692,9 @@ class DiffusionObjective:
         self.uniform = Schedule('linear')
         self._ent_weight = None
         self.own_is_uniform = c.schedule == 'linear' and c.masking == 'uniform' and c.loss_weighting == 'nelbo'
+        self.capacity = head_capacity(c.batch_size, c.block_size, self.schedule, c.masking, c.t_min)
+        if c.compile:  # the whole loss, model included: static shapes, no host sync (tests/test_compile.py)
+            self.compute = torch.compile(self.compute)
 
     def entropy_weight(self, device):
         """Per-token-id entropy multipliers (vocab,) on device, read once from the entropy file."""
@@ -657,18 +704,29 @@ class DiffusionObjective:
             self._ent_weight = entropy_weights(load_entropy(path, n), padded_vocab(n))
         return self._ent_weight.to(device)
 
-    def _loss(self, model, x, t, gen, own=True):
-        return diffusion_loss(model, x, t, self.schedule if own else self.uniform, self.mask_id, gen, self.c.t_min,
-                              self.c.masking if own else 'uniform', self.c.loss_weighting if own else 'nelbo', self)[0]
+    def compute(self, model, x, t, u, own=True, capacity=None):
+        """difference 3 and 4: the NELBO over masked positions, from clean tokens x (B, T), times t
+        (B,) and mask uniforms u (B, T) on the device; own=False: the uniform-masking NELBO."""
+        return nelbo_terms(model, x, t, u, self.schedule if own else self.uniform, self.mask_id, self.c.t_min,
+                           self.c.masking if own else 'uniform', self.c.loss_weighting if own else 'nelbo', self,
+                           capacity or self.capacity)[0]
+
+    def draws(self, x, key, micro=0, micros=1):
+        """(t (B,), u (B, T)) on x's device, keyed by (seed, *key, micro): micro-batch `micro` of
+        `micros` takes every micros-th of the batch's stratified times, so each micro-batch spans
+        [t_min, 1] and masks about the same number of tokens (steady shapes and load)."""
+        B = x.size(0)
+        u0 = torch.rand((), generator=rng(self.c.seed, *key, 't'), dtype=torch.float64)
+        t = stratified_times(u0, micro, B, B * micros, self.c.t_min, stride=micros)
+        u = torch.rand(x.shape, generator=rng(self.c.seed, *key, micro, 'mask'), dtype=torch.float64)
+        return to_device(t, x.device), to_device(u, x.device)
 
     def loss(self, model, window, step, micro):
-        """difference 3 and 4: the NELBO over masked positions. window: (B, block_size + 1);
-        the last token is GPT's target only, so both objectives see the same tokens."""
+        """window: (B, block_size + 1); the last token is GPT's target only, so both objectives see
+        the same tokens. micro: this micro-batch's place in the global batch."""
         x = window[:, :-1]
-        B = x.size(0)
-        u0 = torch.rand((), generator=rng(self.c.seed, 't', step), dtype=torch.float64)
-        t = stratified_times(u0, micro * B, B, B * self.c.gradient_accumulation_steps, self.c.t_min)
-        return self._loss(model, x, t, rng(self.c.seed, 'mask', step, micro))
+        t, u = self.draws(x, ('train', step), micro, self.c.gradient_accumulation_steps)
+        return self.compute(model, x, t, u)
 
     @torch.no_grad()
     def evaluate(self, model, batches):
@@ -677,11 +735,10 @@ class DiffusionObjective:
         own, fair = [], []
         for i, window in enumerate(batches):
             x = window[:, :-1]
-            u0 = torch.rand((), generator=rng(self.c.seed, 'val-t', i), dtype=torch.float64)
-            t = stratified_times(u0, 0, x.size(0), x.size(0), self.c.t_min)
-            own.append(self._loss(model, x, t, rng(self.c.seed, 'val-mask', i)))
+            t, u = self.draws(x, ('val', i))
+            own.append(self.compute(model, x, t, u, capacity=x.numel()))   # the head everywhere: exact
             if not self.own_is_uniform:  # else the same draws would give the same number again
-                fair.append(self._loss(model, x, t, rng(self.c.seed, 'val-mask', i), own=False))
+                fair.append(self.compute(model, x, t, u, own=False, capacity=x.numel()))
         fair = fair or own
         return {'val_loss': torch.stack(own).mean().item(), 'val_nelbo': torch.stack(fair).mean().item()}
 
@@ -1093,7 +1150,7 @@ def autocast_for(dev, dtype):
 RULES = {  # what each setting must be: (test, text); configure() checks the values given
     'init_from': one_of(('scratch', 'resume', 'auto')), 'eval_interval': at_least(1), 'eval_iters': at_least(1),
     'log_interval': at_least(1), 'diverge_ratio': at_least(0.0), 'batch_size': at_least(1),
-    'block_size': at_least(2), 'gradient_accumulation_steps': at_least(1), 'n_layer': at_least(1),
+    'block_size': at_least(2), 'gradient_accumulation_steps': at_least(0), 'n_layer': at_least(1),
     'n_head': at_least(1), 'n_embd': at_least(2), 'mlp': one_of(MLPS), 'dropout': in_range(0, 1, hi_open=True),
     'schedule': one_of(SCHEDULES), 'masking': one_of(MASKINGS), 'loss_weighting': one_of(LOSS_WEIGHTINGS),
     't_min': in_range(0, 1, hi_open=True), 'learning_rate': at_least(0.0), 'max_iters': at_least(0),
@@ -1298,6 +1355,7 @@ def train(c, Objective, script):
         remove_stale_temps(out_dir)
     c, ckpt = start_or_resume(c, Objective.name)
     check_settings(c)
+    c.gradient_accumulation_steps = c.gradient_accumulation_steps or world   # the global batch: G micro-batches
     if c.gradient_accumulation_steps % world:
         raise UserError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} is not a multiple of "
                         f"the {world} DDP processes", EXIT_USAGE)
@@ -1316,7 +1374,9 @@ def train(c, Objective, script):
     objective = Objective(c, meta)
     optimizer = make_optimizer(raw_model, c, dev)
     step, best_val, evaluated_at = restore(ckpt, optimizer, c, rank, world)
-    model = torch.compile(raw_model) if c.compile else raw_model
+    model = raw_model   # with --compile the objective compiles its loss, the model's forward included
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # TF32 where fp32 remains
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if dev.type == 'cuda' else None)
@@ -1375,9 +1435,12 @@ def train(c, Objective, script):
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
 
     def stop_requested():
+        """One process: the flag, no device sync. DDP: every rank agrees before anyone saves,
+        through an all-reduce (a sync), so only at log steps."""
+        if not ddp or (step % c.log_interval and step < c.max_iters):
+            return stop['signal'] is not None if not ddp else False
         flag = torch.tensor([1.0 if stop['signal'] else 0.0], device=dev)
-        if ddp:  # every rank agrees before anyone saves
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
     # ---- the loop ----

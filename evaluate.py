@@ -314,7 +314,7 @@ def mask_rate_curve(model, x, points, batch_size, seed, autocast=contextlib.null
             mask = random_k_mask(k, L, rng(seed, 'curve', i, b)).to(dev)
             with autocast:
                 logits = model(torch.where(mask, model.cfg.mask_id, xb), mask_rate=torch.full(
-                    (xb.size(0),), k_val / L, device=dev), select=mask).float()      # (M, V)
+                    (xb.size(0),), k_val / L, device=dev), select=mask.flatten().nonzero().squeeze(1)).float()  # (M, V)
             y = xb[mask]
             logp = F.log_softmax(logits, -1)
             sums += torch.stack([-logp.gather(1, y[:, None]).sum(), (logits.argmax(-1) == y).sum(),

@@ -32,13 +32,17 @@ class GPTObjective:
 
     def __init__(self, c, meta):
         self.c = c
+        if c.compile:
+            self.compute = torch.compile(self.compute)
 
-    def loss(self, model, window, step, micro):
-        """differences 3 and 4: next-token cross-entropy at every position.
-        window: (B, block_size + 1), the same tokens the diffusion objective sees."""
-        x, y = window[:, :-1], window[:, 1:]
+    def compute(self, model, x, y):
+        """differences 3 and 4: next-token cross-entropy at every position. x, y: (B, T)."""
         logits = model(x)                                             # (B, T, V)
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    def loss(self, model, window, step, micro):
+        """window: (B, block_size + 1), the same tokens the diffusion objective sees."""
+        return self.compute(model, window[:, :-1], window[:, 1:])
 
     @torch.no_grad()
     def evaluate(self, model, batches):

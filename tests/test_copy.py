@@ -124,9 +124,10 @@ def test_the_weighting_edit_is_the_loss_trained_with(copies):
     mod, model = run.script, run.model
     x = torch.randint(0, 60, (8, 32), generator=torch.Generator().manual_seed(0))
     t = torch.linspace(0.1, 0.9, 8, dtype=torch.float64)
+    u = torch.rand(x.shape, generator=D.rng(1), dtype=torch.float64)
     with torch.no_grad():
-        loss = run.objective._loss(model, x, t, D.rng(1))
-        mask = mod.draw_mask(x, mod.mask_uniform(x, run.objective.schedule.alpha(t), None), D.rng(1))
+        loss = run.objective.compute(model, x, t, u, capacity=x.numel())
+        mask = u < mod.mask_uniform(x, run.objective.schedule.alpha(t), None)
         expected = (D.masked_ce(model, x, mask, model.cfg.mask_id) / 32).mean()
     assert torch.allclose(loss, expected, atol=1e-6)
 

@@ -38,7 +38,7 @@ class CategoricalStub(torch.nn.Module):
 
     def forward(self, idx, mask_rate=None, cache=None, select=None):
         logits = self.logp.expand(*idx.shape, -1)                    # (B, T, V)
-        return logits[select] if select is not None else logits
+        return logits.flatten(0, 1)[select] if select is not None else logits   # select: flat positions
 
 
 def exact_iid_data(n_windows, L, seed=0):
