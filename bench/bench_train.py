@@ -1,0 +1,251 @@
+"""
+bench/bench_train.py: training speed of diffusion.py and gpt.py, side by side in one run, against
+the matmul floor of this machine and (on CPU, when ../shared/reference exists) the two reference
+implementations the project is compared with.
+
+    python bench/bench_train.py                         # CPU: nanoGPT's CPU recipe size, 1 thread
+    python bench/bench_train.py --steps=400 --reference_dir=''     # ours only
+    python bench/bench_train.py --device=cuda           # config/fineweb_124m.py shapes, bf16 + compile
+
+1. In this process: one training step (draws, loss, backward, clip, AdamW) of each objective on
+   random tokens, alternating objective by objective so both see the same load; ms/step is the
+   median over `steps`. Also the number of graph breaks of each loss under torch._dynamo.explain
+   and the number of compilations over 5 steps of different mask rates (should be 1).
+2. The floor: the FLOPs of a step (Transformer.flops_per_token() x tokens) at this machine's
+   measured matmul rate for the model's own shapes (forward and both backward products of each
+   linear layer). ratio = ms/step / floor.
+3. Whole processes (CPU): this project's diffusion.py and gpt.py, nanoGPT's train.py and the
+   microDLM seed's diffusion.py, each run for N1 and N2 steps, cycling through the contenders so
+   they share the machine's load; (T(N2) - T(N1)) / (N2 - N1) removes start-up, data and evaluation.
+On CUDA it also prints tokens/s, MFU (PEAK_FLOPS in diffusion.py) and peak memory.
+"""
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+import diffusion as D  # noqa: E402
+from gpt import GPTObjective  # noqa: E402
+
+# -----------------------------------------------------------------------------
+device = 'cpu'                  # 'cpu' | 'cuda' | 'auto'
+config = ''                     # a config file for the model shapes; '' = nanoGPT's CPU recipe on CPU, config/fineweb_124m.py on CUDA
+n_layer = 4                     # model size when config is '' on CPU (nanoGPT's CPU recipe)
+n_head = 4
+n_embd = 128
+block_size = 64                 # tokens per sequence
+batch_size = 12                 # sequences per step
+vocab = 65                      # real tokens (Tiny Shakespeare's characters)
+steps = 100                     # timed steps per objective in this process (after 10 warm-up steps)
+threads = 1                     # torch CPU threads (0 = torch's default)
+compile = False                 # torch.compile the loss (always on for CUDA)
+processes = True                # also time whole processes (ours and, when present, the references)
+n1 = 40                         # whole-process runs: steps of the short run
+n2 = 240                        # ... and of the long run
+repeats = 2                     # whole-process runs per contender and length (the median counts)
+reference_dir = os.path.join(HERE, '..', 'shared', 'reference')   # nanoGPT/ and microDLM/; '' = skip them
+text = os.path.join(HERE, '..', 'shared', 'data', 'tinyshakespeare.txt')   # the references' training text
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def model_settings(c, dev):
+    """The model and batch shapes: a config file's, fineweb_124m's on CUDA, or the settings above."""
+    path = c.config or (os.path.join(HERE, 'config', 'fineweb_124m.py') if dev.type == 'cuda' else '')
+    s = D.Config(D.settings_of(vars(D)), n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                 block_size=c.block_size, batch_size=c.batch_size, gradient_accumulation_steps=1, seed=c.seed,
+                 compile=c.compile or dev.type == 'cuda', dropout=0.0)
+    if path:
+        s.update({k: v for k, v in D.read_config_file(path).items() if k in s})
+        s.update(gradient_accumulation_steps=1, compile=c.compile or dev.type == 'cuda', dropout=0.0)
+    return s
+
+
+def matmul_rate(model, tokens, dev, seconds=2.0):
+    """FLOP/s of the model's linear layers' three products (forward, input and weight gradients)."""
+    shapes = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            n_out, n_in = m.weight.shape
+            shapes += [(tokens, n_in, n_out), (tokens, n_out, n_in), (n_out, tokens, n_in)]
+    mats = [(torch.randn(a, b, device=dev), torch.randn(b, cc, device=dev), torch.empty(a, cc, device=dev))
+            for a, b, cc in shapes]
+    flops = sum(2 * a * b * cc for a, b, cc in shapes)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n < 3:
+        for a, b, out in mats:
+            torch.mm(a, b, out=out)
+        if dev.type == 'cuda':
+            torch.cuda.synchronize()
+        n += 1
+    return flops * n / (time.perf_counter() - t0)
+
+
+def graph_report(objective, model, window, dev):
+    """(graph breaks of the loss under torch._dynamo.explain, compilations over 5 steps)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+    x, y = window[:, :-1], window[:, 1:]
+    args = (lambda s: (model, x, *objective.draws(x, ('bench', s)))) if objective.name == 'diffusion' \
+        else (lambda s: (model, x, y))
+    fn = getattr(objective.compute, '_torchdynamo_orig_callable', objective.compute)
+    torch._dynamo.reset()
+    breaks = torch._dynamo.explain(fn)(*args(0)).graph_break_count
+    counter = CompileCounter()
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    for s in range(5):
+        compiled(*args(s)).backward()
+    torch._dynamo.reset()
+    return breaks, counter.frame_count
+
+
+def in_process(c, dev):
+    s = model_settings(c, dev)
+    meta = {'vocab_size': c.vocab if s.dataset == 'shakespeare_char' else 50257}   # GPT-2's for BPE configs
+    runs, tokens = {}, s.batch_size * s.block_size
+    for Objective in (D.DiffusionObjective, GPTObjective):
+        torch.manual_seed(c.seed)
+        model = D.Transformer(D.model_config(s, meta, Objective.causal)).to(dev)
+        runs[Objective.name] = (model.train(), D.make_optimizer(model, s, dev), Objective(s, meta))
+    model0 = runs['diffusion'][0]
+    print(f"model: {model0.num_params() / 1e6:.2f}M parameters ({s.n_layer} layers, {s.n_head} heads, "
+          f"{s.n_embd} wide, {s.mlp}), batch {s.batch_size} x block {s.block_size}, vocab {meta['vocab_size']}, "
+          f"{dev}, {torch.get_num_threads()} thread(s), compile={s.compile}")
+    autocast = D.autocast_for(dev, 'auto')
+    gen = torch.Generator().manual_seed(c.seed)
+    times = {name: [] for name in runs}
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev)
+    for step in range(10 + c.steps):
+        window = D.to_device(torch.randint(0, meta['vocab_size'], (s.batch_size, s.block_size + 1), generator=gen),
+                             dev)
+        for name in (list(runs) if step % 2 else list(runs)[::-1]):
+            model, opt, objective = runs[name]
+            if dev.type == 'cuda':
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast:
+                loss = objective.loss(model, window, step, 0)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if dev.type == 'cuda':
+                torch.cuda.synchronize()
+            if step >= 10:
+                times[name].append(time.perf_counter() - t0)
+    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    flops = model0.flops_per_token() * tokens
+    rate = matmul_rate(model0, tokens, dev)
+    floor = 1000 * flops / rate
+    peak = D.peak_flops(dev)
+    print(f"step: {flops / 1e9:.2f} GFLOP (6 x matmul weights + attention per token x {tokens} tokens); "
+          f"matmul rate here at the model's shapes {rate / 1e9:.1f} GFLOP/s; floor {floor:.1f} ms/step")
+    print(f"{'in this process':<28}{'ms/step':>10}{'x floor':>9}{'tokens/s':>12}" + (f"{'MFU':>8}" if peak else '')
+          + f"{'graph breaks':>14}{'compiles/5 steps':>18}")
+    for name, (model, _, objective) in runs.items():
+        breaks, compiles = graph_report(objective, model, window, dev) if dev.type != 'mps' else ('-', '-')
+        mfu = f"{100 * flops / (ms[name] / 1000) / peak:>7.1f}%" if peak else ''
+        print(f"{name + '.py':<28}{ms[name]:>10.1f}{ms[name] / floor:>9.2f}{tokens / ms[name] * 1000:>12,.0f}{mfu}"
+              f"{breaks:>14}{compiles:>18}")
+    if dev.type == 'cuda':
+        print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
+    return floor
+
+
+def contenders(c, work):
+    """{name: (command for n steps, folder)}: ours, and the references when their folder exists."""
+    ours = [f'--n_layer={c.n_layer}', f'--n_head={c.n_head}', f'--n_embd={c.n_embd}', f'--block_size={c.block_size}',
+            f'--batch_size={c.batch_size}', '--device=cpu', '--eval_iters=1', '--sample_at_end=false',
+            f'--data_dir={work}/data', '--log_interval=1000000', '--eval_interval=1000000']
+    out = {name: (lambda n, name=name: [sys.executable, os.path.join(HERE, f'{name}.py'), *ours, f'--max_iters={n}',
+                                        f'--out_dir={work}/out-{name}-{n}-{time.time_ns()}'], work)
+           for name in ('diffusion', 'gpt')}
+    ref = c.reference_dir
+    if ref and os.path.isdir(os.path.join(ref, 'nanoGPT')) and os.path.exists(c.text):
+        ng = os.path.join(work, 'nanoGPT')
+        shutil.copytree(os.path.join(ref, 'nanoGPT'), ng)
+        shutil.copy(c.text, os.path.join(ng, 'data', 'shakespeare_char', 'input.txt'))
+        subprocess.run([sys.executable, 'prepare.py'], cwd=os.path.join(ng, 'data', 'shakespeare_char'), check=True,
+                       capture_output=True)
+        out['nanoGPT train.py'] = (lambda n: [
+            sys.executable, 'train.py', 'config/train_shakespeare_char.py', '--device=cpu', '--compile=False',
+            '--eval_iters=1', '--log_interval=1000000', f'--block_size={c.block_size}', f'--batch_size={c.batch_size}',
+            f'--n_layer={c.n_layer}', f'--n_head={c.n_head}', f'--n_embd={c.n_embd}', f'--max_iters={n}',
+            f'--lr_decay_iters={n}', '--dropout=0.0', '--eval_interval=1000000', f'--out_dir={work}/ng-out'], ng)
+    if ref and os.path.isdir(os.path.join(ref, 'microDLM')) and os.path.exists(c.text):
+        md = os.path.join(work, 'microDLM')
+        os.makedirs(os.path.join(md, 'data'))
+        shutil.copy(c.text, os.path.join(md, 'data', 'shakespeare.txt'))
+        src = open(os.path.join(ref, 'microDLM', 'diffusion.py')).read()
+        for k, v in (('batch_size', c.batch_size), ('block_size', c.block_size), ('eval_iters', 1),
+                     ('eval_interval', 10 ** 6), ('n_embd', c.n_embd), ('n_head', c.n_head), ('n_layer', c.n_layer)):
+            src = src.replace(f"\n{k} = ", f"\n{k} = {v}  # bench; was ", 1)
+
+        def micro(n):
+            path = os.path.join(md, f'diffusion_{n}.py')
+            with open(path, 'w') as f:
+                f.write(src.replace("\nmax_iters = ", f"\nmax_iters = {n}  # bench; was ", 1)
+                        .replace('device = (', "device = 'cpu' or (", 1))
+            return [sys.executable, path, '--train']
+        out['microDLM diffusion.py'] = (micro, md)
+    return out
+
+
+def whole_processes(c, floor):
+    work = tempfile.mkdtemp(prefix='bench_train_')
+    try:
+        env = dict(os.environ, OMP_NUM_THREADS=str(c.threads or os.cpu_count()), PYTHONUNBUFFERED='1')
+        subprocess.run([sys.executable, os.path.join(HERE, 'prepare.py'), f'--data_dir={work}/data',
+                        *([f'--input={c.text}'] if os.path.exists(c.text) else [])], check=True, capture_output=True,
+                       env=env)
+        cmds = contenders(c, work)
+        secs = {name: {c.n1: [], c.n2: []} for name in cmds}
+        for _ in range(c.repeats):
+            for n in (c.n1, c.n2):
+                for name, (cmd, cwd) in cmds.items():  # cycling: every contender sees the same load
+                    t0 = time.perf_counter()
+                    r = subprocess.run(cmd(n), cwd=cwd, env=env, capture_output=True, text=True)
+                    if r.returncode:
+                        raise D.UserError(f"{name} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+                    secs[name][n].append(time.perf_counter() - t0)
+        print(f"\nwhole processes, (T({c.n2} steps) - T({c.n1} steps)) / {c.n2 - c.n1}, median of {c.repeats}, "
+              f"{c.threads} thread(s) each")
+        print(f"{'contender':<28}{'ms/step':>10}{'x floor':>9}")
+        res = {}
+        for name, t in secs.items():
+            res[name] = 1000 * (statistics.median(t[c.n2]) - statistics.median(t[c.n1])) / (c.n2 - c.n1)
+            print(f"{name:<28}{res[name]:>10.1f}{res[name] / floor:>9.2f}")
+        for ref in ('nanoGPT train.py', 'microDLM diffusion.py'):
+            if ref in res:
+                print(f"{ref} / diffusion.py: {res[ref] / res['diffusion']:.2f}x   "
+                      f"{ref} / gpt.py: {res[ref] / res['gpt']:.2f}x")
+        if len(res) == 2:
+            print("(no reference implementations: --reference_dir and --text must exist)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main():
+    c = D.configure(globals(), rules={'device': D.one_of(('cpu', 'cuda', 'auto')), 'steps': D.at_least(1),
+                                      'n1': D.at_least(1), 'repeats': D.at_least(1)}, verbose=False)
+    if c.n2 <= c.n1:
+        raise D.UserError("--n2 must be larger than --n1", D.EXIT_USAGE)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    dev = D.resolve_device(c.device)
+    print(f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} cores")
+    floor = in_process(c, dev)
+    if c.processes and dev.type == 'cpu':
+        whole_processes(c, floor)
+
+
+if __name__ == '__main__':
+    D.run_cli(main)
