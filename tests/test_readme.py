@@ -4,8 +4,10 @@ in bash, "a\\nb" stays backslash + n (the program gets no newline), the trap of 
 `--start="ROMEO:\\nJULIET:"`; $'a\\nb' or a real newline inside the quotes give one."""
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -108,3 +110,38 @@ def test_no_backslash_n_inside_double_quotes():
             bad.append(f"README.md:{number}: {text.splitlines()[number - line].strip()}")
     assert not bad, ('a double-quoted "\\n" reaches the program as a backslash and an n, not a newline; '
                      "use $'...\\n...' or a real line break:\n" + '\n'.join(bad))
+
+
+def cheap_commands():
+    """[(README line, command, comment)]: the README's commands that need no data and run in a
+    second: `python SCRIPT ... --help`, and examples whose comment shows the error they give."""
+    out = []
+    for line, text in bash_blocks():
+        for i, cmd in enumerate(text.splitlines()):
+            code, _, comment = cmd.partition('  # ')
+            code, comment = code.strip(), comment.strip()
+            if code.startswith('python ') and (code.endswith(' --help') or comment.startswith('error:')):
+                out.append((line + i, code, comment))
+    return out
+
+
+def test_the_readme_has_cheap_commands():
+    assert any(c.endswith('--help') for _, c, _ in cheap_commands())
+    assert any(m.startswith('error:') for _, _, m in cheap_commands())
+
+
+@pytest.mark.parametrize('line, command, comment', cheap_commands())
+def test_cheap_readme_commands_do_what_they_say(line, command, comment, tmp_path):
+    """Pasted into bash (in an empty folder, the scripts taken from the repo), each does what the
+    README says: --help exits 0 with the settings; an error example prints that one line and exits
+    with the code in its comment."""
+    words = shlex.split(command)
+    words[1] = os.path.join(REPO, words[1])
+    r = subprocess.run([sys.executable, *words[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    if command.endswith('--help'):
+        assert r.returncode == 0 and '--' in r.stdout and r.stderr == '', f"README.md:{line}: {command}"
+        return
+    want = re.match(r'(error: .*?)(?: \(exit (\d+)\))?$', comment)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(want.group(1)), f"README.md:{line}: {command}\n{r.stderr}"
+    assert r.returncode == int(want.group(2) or 1), f"README.md:{line}: exit {r.returncode}"
