@@ -765,7 +765,8 @@ class DiffusionObjective:
         n = n or model.cfg.block_size
         dev = next(model.parameters()).device
         x = torch.full((1, n), self.mask_id, device=dev)
-        for _, x, _ in generate(model, x, min(steps, n), [torch.Generator(dev).manual_seed(seed)], self.schedule):
+        gen = torch.Generator('cpu' if dev.type == 'mps' else dev).manual_seed(seed)   # MPS has no float64
+        for _, x, _ in generate(model, x, min(steps, n), [gen], self.schedule):
             pass
         return tokenizer.decode(x[0].tolist())
 
