@@ -859,6 +859,13 @@ def data_identity(meta):
     return {k: meta.get(k) for k in ('tokenizer', 'vocab_size', 'chars', 'fingerprint')}
 
 
+def _from_difference(a, b, width=40):
+    """a and b cut to width characters from a little before where they first differ."""
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    start = max(0, i - 10)
+    return tuple(('...' if start else '') + s[start:start + width] for s in (a, b))
+
+
 def check_same_data(meta, ckpt_meta, where):
     """A one-line refusal when data prepared now differs from the data a checkpoint was made on."""
     now, then = data_identity(meta), data_identity(ckpt_meta)
@@ -866,7 +873,7 @@ def check_same_data(meta, ckpt_meta, where):
         now.pop('fingerprint'), then.pop('fingerprint')  # data prepared before fingerprints existed
     bad = [k for k in now if now[k] != then[k]]
     if bad:
-        show = {k: (str(then[k])[:40], str(now[k])[:40]) for k in bad}
+        show = {k: _from_difference(str(then[k]), str(now[k])) for k in bad}
         raise UserError(f"{where} was made on other data: {meta.get('dataset')} now differs in "
                         + ', '.join(f"{k} ({a!r} then, {b!r} now)" for k, (a, b) in show.items()))
 
