@@ -938,7 +938,8 @@ def fingerprint(data_dir, dataset, meta):
 
 def atomic_write(path, write, mode='wb'):
     """write(f) into a temporary file, fsync, rename over path: a crash leaves the old file, and a
-    full disk leaves it too (the temporary file is removed; one-line error with the size needed)."""
+    full disk or a file size limit leaves it too (the temporary file is removed; one-line error
+    with the size written and the previous file's)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -946,13 +947,21 @@ def atomic_write(path, write, mode='wb'):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save: its zip writer turns the OSError into a RuntimeError
         size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise UserError(f"cannot write {path}: {e.strerror}" + (f" (wrote {size / 2**20:.1f} MiB before the disk "
-                        "filled; free space there, the previous file is kept)" if full else "")) from None
+        if not isinstance(e, OSError):
+            if not isinstance(e.__context__, OSError):
+                raise
+            e = e.__context__
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        old = os.path.getsize(path) if os.path.exists(path) else 0
+        mib = lambda n: f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+        raise UserError(f"cannot write {path}: {e.strerror}" + (
+            f" (stopped at {mib(size)}" + (f" of about {mib(old)}, the size of the previous file, which is kept"
+                                            if old else "") + "; free space there"
+            + (" or raise the file size limit (ulimit -f)" if e.errno == errno.EFBIG else "") + ")" if full else "")) from None
     with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         os.fsync(fd)
