@@ -1360,7 +1360,10 @@ def train(c, Objective, script):
             if wandb is not None:
                 wandb.log(record, step=record['step'])
 
+    saved = [ckpt['step'] if ckpt else None]   # the step ckpt.pt holds
+
     def save(status):
+        saved[0] = step
         states = [rng_state()]
         if ddp:
             states = [None] * world
@@ -1376,8 +1379,7 @@ def train(c, Objective, script):
         if master:
             write_status(out_dir, 'diverged', step, c.max_iters)
             log({'step': step, 'event': 'diverged', 'why': what})
-        kept = f"{ckpt_path} keeps step {ckpt['step'] if ckpt else 'none'}" if not os.path.exists(ckpt_path) or \
-            ckpt else f"{ckpt_path} keeps the last good step"
+        kept = f"{ckpt_path} keeps step {saved[0]}" if saved[0] is not None else "no checkpoint was saved"
         raise UserError(f"step {step}: {what}; the run diverged and stopped ({kept}; lower --learning_rate)",
                         EXIT_DIVERGED)
 
