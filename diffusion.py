@@ -935,6 +935,13 @@ def data_identity(meta):
     return {k: meta.get(k) for k in ('tokenizer', 'vocab_size', 'chars', 'fingerprint')}
 
 
+def _from_difference(a, b, width=40):
+    """a and b cut to width characters from a little before where they first differ."""
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    start = max(0, i - 10)
+    return tuple(('...' if start else '') + s[start:start + width] for s in (a, b))
+
+
 def check_same_data(meta, ckpt_meta, where):
     """A one-line refusal when data prepared now differs from the data a checkpoint was made on."""
     now, then = data_identity(meta), data_identity(ckpt_meta)
@@ -942,7 +949,7 @@ def check_same_data(meta, ckpt_meta, where):
         now.pop('fingerprint'), then.pop('fingerprint')  # data prepared before fingerprints existed
     bad = [k for k in now if now[k] != then[k]]
     if bad:
-        show = {k: (str(then[k])[:40], str(now[k])[:40]) for k in bad}
+        show = {k: _from_difference(str(then[k]), str(now[k])) for k in bad}
         raise UserError(f"{where} was made on other data: {meta.get('dataset')} now differs in "
                         + ', '.join(f"{k} ({a!r} then, {b!r} now)" for k, (a, b) in show.items()))
 
@@ -1007,7 +1014,8 @@ def fingerprint(data_dir, dataset, meta):
 
 def atomic_write(path, write, mode='wb'):
     """write(f) into a temporary file, fsync, rename over path: a crash leaves the old file, and a
-    full disk leaves it too (the temporary file is removed; one-line error with the size needed)."""
+    full disk or a file size limit leaves it too (the temporary file is removed; one-line error
+    with the size written and the previous file's)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -1015,13 +1023,21 @@ def atomic_write(path, write, mode='wb'):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save: its zip writer turns the OSError into a RuntimeError
         size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise UserError(f"cannot write {path}: {e.strerror}" + (f" (wrote {size / 2**20:.1f} MiB before the disk "
-                        "filled; free space there, the previous file is kept)" if full else "")) from None
+        if not isinstance(e, OSError):
+            if not isinstance(e.__context__, OSError):
+                raise
+            e = e.__context__
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        old = os.path.getsize(path) if os.path.exists(path) else 0
+        mib = lambda n: f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+        raise UserError(f"cannot write {path}: {e.strerror}" + (
+            f" (stopped at {mib(size)}" + (f" of about {mib(old)}, the size of the previous file, which is kept"
+                                            if old else "") + "; free space there"
+            + (" or raise the file size limit (ulimit -f)" if e.errno == errno.EFBIG else "") + ")" if full else "")) from None
     with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         os.fsync(fd)
@@ -1423,7 +1439,10 @@ def train(c, Objective, script):
             if wandb is not None:
                 wandb.log(record, step=record['step'])
 
+    saved = [ckpt['step'] if ckpt else None]   # the step ckpt.pt holds
+
     def save(status):
+        saved[0] = step
         states = [rng_state()]
         if ddp:
             states = [None] * world
@@ -1439,8 +1458,7 @@ def train(c, Objective, script):
         if master:
             write_status(out_dir, 'diverged', step, c.max_iters)
             log({'step': step, 'event': 'diverged', 'why': what})
-        kept = f"{ckpt_path} keeps step {ckpt['step'] if ckpt else 'none'}" if not os.path.exists(ckpt_path) or \
-            ckpt else f"{ckpt_path} keeps the last good step"
+        kept = f"{ckpt_path} keeps step {saved[0]}" if saved[0] is not None else "no checkpoint was saved"
         raise UserError(f"step {step}: {what}; the run diverged and stopped ({kept}; lower --learning_rate)",
                         EXIT_DIVERGED)
 

@@ -23,8 +23,9 @@ from diffusion import EXIT_RESUMABLE, read_checkpoint
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this torch build has no torch.distributed gloo backend")
 
-# 60 steps, evaluations at 0, 20, 40, 60; eval_iters=100 makes an evaluation last ~0.5 s so a
-# signal sent as step 20 starts lands during step 20 or its evaluation (see test_ddp_resume_exact).
+# 60 steps, evaluations at 0, 20, 40, 60; eval_iters=100 makes an evaluation last ~0.5 s, so a
+# signal sent as step 20 starts usually lands during step 20 or its evaluation (test_ddp_resume_exact
+# accepts any step).
 ARGS = [*TINY, '--max_iters=60', '--eval_interval=20', '--eval_iters=100', '--gradient_accumulation_steps=2']
 EVAL_STEP = 20
 
@@ -123,9 +124,11 @@ def test_ddp_matches_one_process(ddp_reference, char_data, tmp_path):
 
 
 def test_ddp_resume_exact(ddp_reference, char_data, tmp_path):
-    """SIGUSR1 to one worker (rank 1, not the one that saves) while step 20 trains or is being
-    evaluated: both ranks agree to stop, the evaluation completes, the checkpoint is step 20,
-    status.json says interrupted; resuming under DDP ends bit-identical to the uninterrupted run."""
+    """SIGUSR1 to one worker (rank 1, not the one that saves) once step 19 is logged: both ranks
+    agree to stop at whichever step the signal lands on (usually step 20 or its evaluation; 19
+    when it beats that step's stop check, later under load), every evaluation up to there
+    completes, the checkpoint and status.json say that step; resuming under DDP ends
+    bit-identical to the uninterrupted run."""
     out = str(tmp_path / 'interrupted')
     proc = torchrun(out, char_data)
     wait_for_train_step(out, EVAL_STEP - 1, proc)  # step 19 done: next come step 20 and its evaluation
@@ -138,10 +141,12 @@ def test_ddp_resume_exact(ddp_reference, char_data, tmp_path):
     assert f'exitcode  : {EXIT_RESUMABLE}' in text and 'signal' in text
     with open(os.path.join(out, 'status.json')) as f:
         status = json.load(f)
-    assert status == {'status': 'interrupted', 'step': EVAL_STEP, 'max_iters': 60}, \
-        f"{status}: the signal should have landed during step {EVAL_STEP} or its evaluation"
-    assert (EVAL_STEP, 'val') in records(out)  # the evaluation in progress completed
-    assert read_checkpoint(out)['step'] == EVAL_STEP
+    stopped = status['step']
+    assert status == {'status': 'interrupted', 'step': stopped, 'max_iters': 60} and EVAL_STEP - 1 <= stopped < 60, \
+        f"{status}: the signal was sent after step {EVAL_STEP - 1}"
+    assert read_checkpoint(out)['step'] == stopped
+    # every loss up to the stop, the evaluation in progress included, as in the uninterrupted run
+    assert records(out) == {k: v for k, v in records(ddp_reference).items() if k[0] <= stopped}
 
     finish(torchrun(out, char_data, '--init_from=resume'), out)
     ref, got = read_checkpoint(ddp_reference), read_checkpoint(out)
