@@ -1389,6 +1389,7 @@ def train(c, Objective, script):
     if master:
         remove_stale_temps(out_dir)
     c, ckpt = start_or_resume(c, Objective.name)
+    print0('config: ' + ' '.join(f'{k}={v!r}' for k, v in c.items()))   # after a resume: the run's own
     check_settings(c)
     c.gradient_accumulation_steps = c.gradient_accumulation_steps or world   # the global batch: G micro-batches
     if c.gradient_accumulation_steps % world:
@@ -1505,6 +1506,8 @@ def train(c, Objective, script):
                     keep_best(ckpt_path)
                 t_last = time.time()
             if stop_requested():
+                if not finite_weights(raw_model):  # never save what diverged since the last evaluation
+                    diverged("non-finite weights")
                 save('interrupted')
                 print0(f"signal {stop['signal'] or 'on another rank'}: saved step {step} to {ckpt_path}; "
                        f"exiting {EXIT_RESUMABLE} (rerun with --init_from=resume to continue)")
@@ -1574,7 +1577,7 @@ OBJECTIVE = DiffusionObjective   # what load_run builds for this script's checkp
 
 
 def main():
-    train(configure(globals(), rules=RULES), DiffusionObjective, __file__)
+    train(configure(globals(), rules=RULES, verbose=False), DiffusionObjective, __file__)
 
 
 if __name__ == '__main__':

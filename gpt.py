@@ -111,7 +111,8 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 
 
 def main():
-    train(configure(dict(DEFAULTS), rules=RULES, sources=[__file__, diffusion.__file__]), GPTObjective, __file__)
+    train(configure(dict(DEFAULTS), rules=RULES, sources=[__file__, diffusion.__file__], verbose=False), GPTObjective,
+          __file__)
 
 
 if __name__ == '__main__':

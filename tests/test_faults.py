@@ -327,7 +327,7 @@ def test_nonsense_settings_give_one_line_and_no_traceback(tiny_runs, char_data, 
     ent = tmp_path / 'strings.npy'
     np.save(ent, np.array(list('abcdefghijklmnopqrstuvwxyz') * 3)[:65])  # strings, not numbers
     bad = {
-        'diffusion.py': ['--t_min=1', '--t_min=2', '--t_min=-0.5', '--gradient_accumulation_steps=0', '--max_iters=-5',
+        'diffusion.py': ['--t_min=1', '--t_min=2', '--t_min=-0.5', '--gradient_accumulation_steps=-1', '--max_iters=-5',
                          '--batch_size=0', '--block_size=-1', '--n_embd=100 --n_head=3', '--n_head=0', '--device=tpu',
                          '--eval_interval=0', '--log_interval=0', '--eval_iters=0', '--dropout=2',
                          f'--masking=entropy --entropy_file={ent}'],
