@@ -45,7 +45,7 @@ batch_size = 12                 # sequences per step
 vocab = 65                      # real tokens (Tiny Shakespeare's characters)
 steps = 100                     # timed steps per objective in this process (after 10 warm-up steps)
 threads = 1                     # torch CPU threads (0 = torch's default)
-compile = False                 # torch.compile the loss (always on for CUDA)
+compile = False                 # torch.compile the loss (always on for CUDA); on CPU also times compiled whole processes
 processes = True                # also time whole processes (ours and, when present, the references)
 n1 = 40                         # whole-process runs: steps of the short run
 n2 = 240                        # ... and of the long run
@@ -165,9 +165,11 @@ def contenders(c, work):
     ours = [f'--n_layer={c.n_layer}', f'--n_head={c.n_head}', f'--n_embd={c.n_embd}', f'--block_size={c.block_size}',
             f'--batch_size={c.batch_size}', '--device=cpu', '--eval_iters=1', '--sample_at_end=false',
             f'--data_dir={work}/data', '--log_interval=1000000', '--eval_interval=1000000']
-    out = {name: (lambda n, name=name: [sys.executable, os.path.join(HERE, f'{name}.py'), *ours, f'--max_iters={n}',
-                                        f'--out_dir={work}/out-{name}-{n}-{time.time_ns()}'], work)
-           for name in ('diffusion', 'gpt')}
+    variants = [('', [])] + ([(' --compile', ['--compile=true'])] if c.compile else [])
+    out = {f'{name}.py{label}': (lambda n, name=name, extra=extra: [
+        sys.executable, os.path.join(HERE, f'{name}.py'), *ours, *extra, f'--max_iters={n}',
+        f'--out_dir={work}/out-{name}-{n}-{time.time_ns()}'], work) for label, extra in variants
+        for name in ('diffusion', 'gpt')}
     ref = c.reference_dir
     if ref and os.path.isdir(os.path.join(ref, 'nanoGPT')) and os.path.exists(c.text):
         ng = os.path.join(work, 'nanoGPT')
@@ -223,11 +225,11 @@ def whole_processes(c, floor):
         for name, t in secs.items():
             res[name] = 1000 * (statistics.median(t[c.n2]) - statistics.median(t[c.n1])) / (c.n2 - c.n1)
             print(f"{name:<28}{res[name]:>10.1f}{res[name] / floor:>9.2f}")
+        ours = [k for k in res if k.startswith(('diffusion.py', 'gpt.py'))]
         for ref in ('nanoGPT train.py', 'microDLM diffusion.py'):
             if ref in res:
-                print(f"{ref} / diffusion.py: {res[ref] / res['diffusion']:.2f}x   "
-                      f"{ref} / gpt.py: {res[ref] / res['gpt']:.2f}x")
-        if len(res) == 2:
+                print(f"{ref} / ours (> 1: ours faster): " + ', '.join(f"{k} {res[ref] / res[k]:.2f}x" for k in ours))
+        if len(res) == len(ours):
             print("(no reference implementations: --reference_dir and --text must exist)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
