@@ -185,8 +185,7 @@ def race(c, dev):
         model, ckpt = run.model, run.ckpt
         label = f"{c.sampler} sampler, {c.steps} steps" if obj == 'diffusion' else 'left to right, KV cache'
         if sample.model_block_len(model):  # block diffusion fills block after block (sample.frames)
-            label = (f"block diffusion, blocks of {sample.model_block_len(model)}, {c.sampler} sampler, "
-                     f"{c.steps} steps/block")
+            label = f"{c.sampler}, {c.steps} steps per block of {sample.model_block_len(model)}"
         frames = record(model, obj, prompt, n, dev, sampler=c.sampler, steps=c.steps, temperature=c.temperature,
                         top_k=c.top_k, top_p=c.top_p, seed=c.seed, schedule=getattr(run.objective, 'schedule', None))
         info = {'out_dir': d, 'params': model.num_params(), 'checkpoint_step': ckpt['step'],

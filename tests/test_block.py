@@ -258,6 +258,25 @@ def test_cached_block_sampling_equals_uncached(bmodel, name):
     assert torch.equal(framed, out[0])                                  # sample.frames is the cached path
 
 
+def test_cached_equals_uncached_time_conditioned():
+    """A time-conditioned block model: the context is fed with mask rate 0 and the block with its
+    own, cached or not; an infilling span past the first window stays as written."""
+    model = tiny(16, 4, time_cond=True)
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)              # peaked predictions: no near-ties
+    seq = torch.full((3, 40), V)
+    seq[:, :5], seq[:, 20:22] = 7, 3
+    for name in ('ancestral_cache', 'remdm'):
+        outs = []
+        for use_cache in (True, False):
+            for _, x, _ in D.generate_blocks(model, seq, sample.SAMPLER_FNS[name], 5,
+                                             [torch.Generator().manual_seed(i) for i in range(3)], use_cache,
+                                             schedule=D.Schedule('cosine')):
+                pass
+            outs.append(x)
+        assert torch.equal(*outs) and not (outs[0] == V).any()
+        assert (outs[0][:, :5] == 7).all() and (outs[0][:, 20:22] == 3).all()
+
+
 def test_prompt_and_infill_keep_context_and_blocks_fill_in_order(bmodel):
     model, tok = bmodel.model, bmodel.tokenizer
     mask = model.cfg.mask_id
