@@ -24,6 +24,7 @@ import contextlib
 import difflib
 import errno
 import fcntl
+import functools
 import gc
 import hashlib
 import json
@@ -75,6 +76,7 @@ masking = 'uniform'             # which tokens get masked: one of MASKINGS below
 entropy_file = ''               # .npy of per-token-id normalised entropy; '' = <data_dir>/<dataset>/entropy.npy
 loss_weighting = 'nelbo'        # per-token loss weight: one of LOSS_WEIGHTINGS below
 t_min = 1e-3                    # smallest t drawn: keeps the NELBO weight finite near t=0
+block_len = 0                   # block diffusion (BD3-LM): tokens per block, divides block_size; 0 = MDLM
 # optimizer: AdamW, linear warmup then cosine decay
 learning_rate = 1e-3            # peak learning rate
 max_iters = 1000                # optimizer steps in total (the default trains in ~6 min on 2 CPU cores)
@@ -96,7 +98,7 @@ seed = 1337                     # base seed; DDP rank r uses seed + r for its ow
 EXIT_USAGE = 2        # bad settings
 EXIT_DIVERGED = 3     # the loss went non-finite or exploded; the last good checkpoint is kept
 EXIT_RESUMABLE = 75   # exit code after a signal-triggered save (EX_TEMPFAIL): "run me again"
-DIFFUSION_ONLY = ('schedule', 'masking', 'entropy_file', 'loss_weighting', 't_min', 'time_cond')
+DIFFUSION_ONLY = ('schedule', 'masking', 'entropy_file', 'loss_weighting', 't_min', 'time_cond', 'block_len')
 
 
 class UserError(Exception):
@@ -264,7 +266,8 @@ def configure(g, argv=None, rules=None, sources=None, verbose=True):
     return cfg
 
 # -----------------------------------------------------------------------------
-# the model: one transformer for both objectives; only ModelConfig.causal differs
+# the model: one transformer for both objectives; only ModelConfig.causal differs (and block_len,
+# for block diffusion)
 
 
 @dataclass
@@ -280,6 +283,7 @@ class ModelConfig:
     causal: bool = False        # True: GPT (attend left only); False: diffusion (attend everywhere)
     time_cond: bool = False     # add an embedding of the mask rate to every position
     dropout: float = 0.0
+    block_len: int = 0          # block diffusion (BD3-LM): attention in blocks of this many positions; 0 = off
 
 
 def padded_vocab(n_tokens, multiple=64):
@@ -311,12 +315,47 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def attend(q, k, v, causal, dropout_p=0.0):
+def block_len_of(block_len, block_size):
+    """The block length a model or run works with: 0 (whole-sequence MDLM) for 0 or block_size."""
+    return block_len if 0 < block_len < block_size else 0
+
+
+def _block_mask(Tq, Tk, block_len, vectorised, device):
+    """attend()'s mask for a block model: (Tq, Tk) bool, True where a query may attend a key, or
+    None where every query may attend every key. See attend for the two layouts."""
+    if vectorised:  # [x_t ; x_0], Tq = Tk = 2T, both halves at positions 0..T-1
+        pos = torch.arange(Tk, device=device)
+        blk, clean = (pos % (Tk // 2)) // block_len, pos >= Tk // 2
+        bq, bk, cq, ck = blk[:, None], blk[None], clean[:, None], clean[None]
+        return (((bq == bk) & (cq == ck))          # block diagonal: a block sees itself, in its own half
+                | ((bk < bq) & ck & ~cq)           # offset block-causal: noisy block b sees clean blocks < b
+                | ((bk <= bq) & ck & cq))          # block-causal: clean block b sees clean blocks <= b
+    if (Tk - Tq) // block_len >= (Tk - 1) // block_len:
+        return None   # the queries are all in the last block: they see every key (a cached block's usual call)
+    q_block = (torch.arange(Tq, device=device) + Tk - Tq) // block_len   # queries are the last Tq positions
+    return torch.arange(Tk, device=device)[None] // block_len <= q_block[:, None]
+
+
+_cached_block_mask = functools.lru_cache(maxsize=256)(_block_mask)
+
+
+def attend(q, k, v, causal, dropout_p=0.0, block_len=0, vectorised=False):
     """The one place where attention direction is decided. q: (B, H, Tq, D), k, v: (B, H, Tk, D).
 
     causal=False (diffusion): every position attends to every position.
     causal=True (GPT): position i attends to positions <= i. With a KV cache the Tq queries are
-    the last Tq of the Tk positions, so the causal mask is aligned bottom-right."""
+    the last Tq of the Tk positions, so the causal mask is aligned bottom-right.
+    block_len > 0 (block diffusion, BD3-LM: Arriola et al. 2025), positions in blocks of block_len
+    counted from 0. Plain layout (sampling, and any call with a KV cache, queries bottom-right
+    aligned as for GPT): block-causal, a position sees its whole block and every earlier block.
+    vectorised=True (training and evaluation: q, k, v over [x_t ; x_0], 2T positions, both halves
+    at positions 0..T-1): a noisy block b sees itself (block diagonal) and the clean blocks < b
+    (offset block-causal); a clean block b sees the clean blocks <= b (block-causal); no clean
+    position sees a noisy one. The masks have static shapes and are built once per shape."""
+    if block_len:
+        build = _block_mask if torch.compiler.is_compiling() else _cached_block_mask   # compiled: folded in the graph
+        allowed = build(q.size(-2), k.size(-2), block_len, vectorised, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
     Tq, Tk = q.size(-2), k.size(-2)
     if not causal or Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
@@ -345,6 +384,7 @@ class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.n_head, self.causal, self.layer = cfg.n_head, cfg.causal, layer
+        self.block_len = block_len_of(cfg.block_len, cfg.block_size)
         self.head_dim = cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
@@ -352,14 +392,14 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, vectorised=False):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # (B, T, H, D)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)        # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0)
+        y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0, self.block_len, vectorised)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -411,8 +451,8 @@ class Block(nn.Module):
         self.norm2, self.mlp = RMSNorm(cfg.n_embd), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache))
+    def forward(self, x, cos, sin, cache=None, vectorised=False):
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, vectorised))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -430,6 +470,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        self.block_len = block_len_of(cfg.block_len, cfg.block_size)   # 0: not a block model
         assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0
         assert 0 < cfg.mask_id < cfg.vocab_size
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -463,30 +504,50 @@ class Transformer(nn.Module):
         matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and n != 'wte.weight')
         if c.tie_weights:
             matmul += self.lm_head.weight.numel()
+        if self.block_len:  # the vectorised pass: 2T positions per T tokens, each attending over 2T
+            return 12 * matmul + 48 * c.n_layer * c.n_embd * c.block_size
         return 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def forward(self, idx, mask_rate=None, cache=None, select=None):
+    def forward(self, idx, mask_rate=None, cache=None, select=None, x0=None):
         """idx: (B, T) token ids. mask_rate: (B,) fraction masked, used when time_cond.
         cache: a KVCache to read and extend (positions continue from cache.pos).
         select: optional (K,) long, positions of the flattened (B * T) batch; then only those
         positions' logits are returned, (K, V): the head (a third of a 124M model's FLOPs) runs
         where the loss needs it, with a shape that does not depend on the data.
+        x0: (B, T) clean tokens, for a block model's vectorised pass (BD3-LM training and
+        evaluation): one pass over [idx ; x0], 2T positions with both halves at positions 0..T-1
+        (attend: noisy block b sees itself and the clean blocks before it); only idx's positions
+        reach the head. mask_rate may also be (B, T), per position of idx (x0's rate is 0).
         Returns logits (B, T, V) with -inf for MASK and padding ids."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        vectorised = x0 is not None
+        if vectorised:
+            if not self.block_len or cache is not None:
+                raise ValueError("x0 (the vectorised [x_t ; x_0] pass) is for block models, without a cache")
+            idx = torch.cat([idx, x0], 1)                        # (B, 2T)
         x = self.wte(idx)                                        # (B, T, C)
         if self.time_mlp is not None:
             if mask_rate is None:
                 raise ValueError("this model is time-conditioned: pass mask_rate")
-            x = x + self.time_mlp(timestep_embedding(mask_rate, 256))[:, None, :]
+            if mask_rate.dim() == 1 and not vectorised:
+                x = x + self.time_mlp(timestep_embedding(mask_rate, 256))[:, None, :]
+            else:  # a rate per position; the clean half of a vectorised pass is unmasked
+                r = mask_rate if mask_rate.dim() == 2 else mask_rate[:, None].expand(B, T)
+                r = torch.cat([r, torch.zeros_like(r)], 1) if vectorised else r
+                x = x + self.time_mlp(timestep_embedding(r.flatten(), 256)).view(*r.shape, -1)
         x = self.drop(x)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if vectorised:
+            cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
         for block in self.blocks:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, vectorised)
         if cache is not None:
             cache.pos += T
+        if vectorised:
+            x = x[:, :T]                                         # the noisy half
         x = self.norm(x)
         if select is not None:
             x = x.flatten(0, 1).index_select(0, select)          # (K, C)
@@ -633,7 +694,7 @@ def draw_mask(x, p, gen):
     return torch.rand(x.shape, generator=gen, dtype=torch.float64) < p.cpu()
 
 
-def masked_ce(model, x, mask, mask_id, mask_rate=None, capacity=None, keys=None):
+def masked_ce(model, x, mask, mask_id, mask_rate=None, capacity=None, keys=None, block_len=0):
     """Replace x at mask with MASK, run the model, and return each sequence's summed cross-entropy
     over its masked positions: (B,) float32. Unmasked positions never count.
 
@@ -641,7 +702,10 @@ def masked_ce(model, x, mask, mask_id, mask_rate=None, capacity=None, keys=None)
     capacity=K: it runs at K positions of the batch, a shape fixed in advance (compile-clean, no
     host sync): every masked position when there are at most K, padded with unmasked ones weighted
     0; else a uniform random K of the M masked ones (the smallest keys, (B, T) uniforms independent
-    of the mask given it) weighted M / K, which keeps every sum unbiased (Horvitz-Thompson)."""
+    of the mask given it) weighted M / K, which keeps every sum unbiased (Horvitz-Thompson).
+
+    block_len > 0 (a block model): the model also sees the clean x (its vectorised pass, x0=x),
+    and the sums are per block: (B * T / block_len,), block by block within each sequence."""
     z = torch.where(mask, mask_id, x)                                   # (B, T)
     flat = mask.flatten()                                               # (B * T,)
     if capacity is None:
@@ -651,9 +715,13 @@ def masked_ce(model, x, mask, mask_id, mask_rate=None, capacity=None, keys=None)
     else:
         idx = torch.where(flat, keys.flatten(), 2.0).topk(capacity, largest=False).indices   # (K,) masked first
         weight = flat[idx] * (flat.sum() / capacity).clamp(min=1)      # (K,)
-    logits = model(z, mask_rate=mask_rate, select=idx)                  # (K, V)
+    if block_len:
+        logits = model(z, mask_rate=mask_rate, select=idx, x0=x)        # (K, V)
+    else:
+        logits = model(z, mask_rate=mask_rate, select=idx)              # (K, V)
     ce = F.cross_entropy(logits.float(), x.flatten()[idx], reduction='none') * weight   # fp32
-    return torch.zeros(flat.shape, device=x.device).index_add(0, idx, ce).view(x.shape).sum(1)
+    per_position = torch.zeros(flat.shape, device=x.device).index_add(0, idx, ce)
+    return per_position.view(-1, block_len).sum(1) if block_len else per_position.view(x.shape).sum(1)
 
 
 def nelbo_terms(model, x, t, u, schedule, mask_id, t_min=0.0, masking='uniform', weighting='nelbo',
@@ -668,11 +736,35 @@ def nelbo_terms(model, x, t, u, schedule, mask_id, t_min=0.0, masking='uniform',
     return LOSS_WEIGHTINGS[weighting](ce_sum, mask.sum(1), t, schedule, t_min, x.size(1))
 
 
+def block_nelbo_terms(model, x, t, u, schedule, mask_id, block_len, t_min=0.0, masking='uniform',
+                      weighting='nelbo', objective=None, capacity=None):
+    """BD3-LM's loss (Arriola et al. 2025, eq. 8 and sec. 3.2), vectorised: x (B, T) in blocks of
+    block_len, t (B * T / block_len,) one time per block (block by block within each sequence),
+    u (B, T) as in nelbo_terms. Each block is masked and weighted as a sequence of its own, with
+    the clean blocks before it as context: one pass of the model over [x_t ; x_0]. With the NELBO
+    weighting a sequence's value is the sum over its blocks of each block's NELBO,
+    (1 - t_min) w(t_b) x (masked CE of block b), divided by T; the loss is their mean. Static
+    shapes like nelbo_terms. Returns (loss, per_seq)."""
+    B, T = x.shape
+    alpha = schedule.alpha(t)                                           # (B * nb,)
+    p = MASKINGS[masking](x.reshape(-1, block_len), alpha, objective).reshape(B, T)
+    mask = u < p
+    rate = (1 - alpha).float()[:, None].expand(-1, block_len).reshape(B, T)   # each position's block's rate
+    ce_sum = masked_ce(model, x, mask, mask_id, rate, capacity, keys=u / p, block_len=block_len)   # (B * nb,)
+    loss, per_block = LOSS_WEIGHTINGS[weighting](ce_sum, mask.reshape(-1, block_len).sum(1), t, schedule, t_min,
+                                                 block_len)
+    return loss, per_block.view(B, -1).mean(1)   # mean over blocks of (per-block value / block_len) = sum / T
+
+
 def diffusion_loss(model, x, t, schedule, mask_id, gen, t_min=0.0, masking='uniform', weighting='nelbo',
-                   objective=None, capacity=None):
+                   objective=None, capacity=None, block_len=0):
     """nelbo_terms with the mask uniforms drawn from gen (on the CPU, so that the draws are the same
-    on every device) and t (B,) given on the CPU. Returns (loss, per_seq)."""
+    on every device) and t (B,) given on the CPU. Returns (loss, per_seq). block_len > 0:
+    block_nelbo_terms, t (B * T / block_len,) one time per block."""
     u = torch.rand(x.shape, generator=gen, dtype=torch.float64)
+    if block_len:
+        return block_nelbo_terms(model, x, to_device(t, x.device), to_device(u, x.device), schedule, mask_id,
+                                 block_len, t_min, masking, weighting, objective, capacity)
     return nelbo_terms(model, x, to_device(t, x.device), to_device(u, x.device), schedule, mask_id, t_min, masking,
                        weighting, objective, capacity)
 
@@ -706,6 +798,7 @@ class DiffusionObjective:
         self.uniform = Schedule('linear')
         self._ent_weight, self._ready = None, False
         self.own_is_uniform = c.schedule == 'linear' and c.masking == 'uniform' and c.loss_weighting == 'nelbo'
+        self.block_len = block_len_of(c.block_len, c.block_size)   # 0: MDLM; else BD3-LM block diffusion
         self.capacity = head_capacity(c.batch_size, c.block_size, self.schedule, c.masking, c.t_min)
         if c.compile:  # the whole loss, model included: static shapes, no host sync (tests/test_compile.py)
             self.compute = torch.compile(self.compute)
@@ -720,7 +813,12 @@ class DiffusionObjective:
 
     def compute(self, model, x, t, u, own=True, capacity=None):
         """difference 3 and 4: the NELBO over masked positions, from clean tokens x (B, T), times t
-        (B,) and mask uniforms u (B, T) on the device; own=False: the uniform-masking NELBO."""
+        (B,) and mask uniforms u (B, T) on the device; own=False: the uniform-masking NELBO.
+        A block model: t (B * T / block_len,) one per block, and block_nelbo_terms."""
+        if self.block_len:
+            return block_nelbo_terms(model, x, t, u, self.schedule if own else self.uniform, self.mask_id,
+                                     self.block_len, self.c.t_min, self.c.masking if own else 'uniform',
+                                     self.c.loss_weighting if own else 'nelbo', self, capacity or self.capacity)[0]
         return nelbo_terms(model, x, t, u, self.schedule if own else self.uniform, self.mask_id, self.c.t_min,
                            self.c.masking if own else 'uniform', self.c.loss_weighting if own else 'nelbo', self,
                            capacity or self.capacity)[0]
@@ -728,14 +826,21 @@ class DiffusionObjective:
     def draws(self, x, key, micro=0, micros=1):
         """(t (B,), u (B, T)) on x's device, keyed by (seed, *key, micro): micro-batch `micro` of
         `micros` takes every micros-th of the batch's stratified times, so each micro-batch spans
-        [t_min, 1] and masks about the same number of tokens (steady shapes and load)."""
+        [t_min, 1] and masks about the same number of tokens (steady shapes and load).
+        A block model draws one time per block, t (B * T / block_len,), stratified over all the
+        blocks of the batch the same way; block j of sequence i takes stratum j * B + i, so every
+        sequence spans [t_min, 1] too."""
         B = x.size(0)
+        n = B * (x.size(1) // self.block_len) if self.block_len else B    # times: one per block, or per sequence
         u0 = torch.rand((), generator=rng(self.c.seed, *key, 't'), dtype=torch.float64)
-        t = stratified_times(u0, micro, B, B * micros, self.c.t_min, stride=micros)
+        t = stratified_times(u0, micro, n, n * micros, self.c.t_min, stride=micros)
+        if self.block_len:
+            t = t.view(-1, B).t().reshape(-1)
         u = torch.rand(x.shape, generator=rng(self.c.seed, *key, micro, 'mask'), dtype=torch.float64)
         t, u = to_device(t, x.device), to_device(u, x.device)
         if not self._ready:  # a masking rule reads its own data (the entropy file) here, not in compiled code
-            MASKINGS[self.c.masking](x, self.schedule.alpha(t), self)
+            MASKINGS[self.c.masking](x.reshape(-1, self.block_len) if self.block_len else x, self.schedule.alpha(t),
+                                     self)
             self._ready = True
         return t, u
 
@@ -761,12 +866,18 @@ class DiffusionObjective:
         return {'val_loss': torch.stack(own).mean().item(), 'val_nelbo': torch.stack(fair).mean().item()}
 
     def sample(self, model, tokenizer, n=None, seed=1337, steps=64):
-        """difference 5: generation by iterative unmasking; one sample of n tokens as text."""
+        """difference 5: generation by iterative unmasking; one sample of n tokens as text. A block
+        model fills block after block (generate_blocks), with as many tokens per step on average."""
         n = n or model.cfg.block_size
         dev = next(model.parameters()).device
         x = torch.full((1, n), self.mask_id, device=dev)
-        gen = torch.Generator('cpu' if dev.type == 'mps' else dev).manual_seed(seed)   # MPS has no float64
-        for _, x, _ in generate(model, x, min(steps, n), [gen], self.schedule):
+        gens = [torch.Generator('cpu' if dev.type == 'mps' else dev).manual_seed(seed)]   # MPS has no float64
+        if self.block_len:
+            frames = generate_blocks(model, x, generate, max(1, math.ceil(steps * self.block_len / n)), gens,
+                                     schedule=self.schedule)
+        else:
+            frames = generate(model, x, min(steps, n), gens, self.schedule)
+        for _, x, _ in frames:
             pass
         return tokenizer.decode(x[0].tolist())
 
@@ -826,7 +937,7 @@ def generate(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top_p=1.
             logits = all_logits(model, x)
         elif stale.any():
             rows = stale.nonzero().squeeze(1).to(x.device)
-            logits[rows] = all_logits(model, x[rows])
+            logits[rows] = all_logits(model.rows(rows) if isinstance(model, BlockContext) else model, x[rows])
         stale.fill_(False)
 
     for step in range(1, steps + 1):
@@ -852,6 +963,90 @@ def generate(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top_p=1.
         refresh()
         x = torch.where(masked, logits.argmax(-1), x)
         yield step + 1, x, masked
+
+
+class BlockContext:
+    """A block model as a sampler sees it while it fills one block (BD3-LM sampling): called like
+    the model on the block's tokens (B, Lb) (Lb <= block_len), it returns their logits given the
+    finished text before the block, of which the window holds the last block_size - block_len
+    tokens at most (past block_size the window rolls by whole blocks). generate_blocks points it
+    at each block in turn.
+
+    use_cache: the finished text's keys and values stay in a KVCache. A call runs the context not
+    cached yet (the block finished last; after a roll, the whole window again: a prefill) together
+    with the block, in one pass, and keeps no keys or values of the block, which is still noisy.
+    use_cache=False runs the whole window every call. A clean block attends only to itself and
+    the clean blocks before it, so both compute the same logits: the same samples."""
+    def __init__(self, model, use_cache=True):
+        self.model, self.cfg, self.use_cache = model, model.cfg, use_cache
+        self.block_len = block_len_of(model.cfg.block_len, model.cfg.block_size)
+        self.cache, self.cache_start = None, -1   # the cache holds the window from position cache_start
+        self.ctx, self.start = None, 0
+
+    def point(self, seq, a):
+        """The block at positions a.. of seq (B, N), a a multiple of block_len: its context is
+        seq[:, start:a], at most block_size - block_len tokens."""
+        self.start = max(0, a + self.block_len - self.cfg.block_size)
+        self.ctx = seq[:, self.start:a]
+
+    def rows(self, rows):
+        """The same view for some rows only (diffusion.generate's cache passes the changed rows);
+        it reads the cache and never writes to it."""
+        view = object.__new__(BlockContext)
+        view.__dict__.update(self.__dict__, ctx=self.ctx[rows])
+        if self.use_cache:
+            if self.cache is None or self.cache.pos != self.ctx.size(1):
+                raise RuntimeError("BlockContext.rows: the context is not cached yet (call on every row first)")
+            view.cache = object.__new__(KVCache)
+            view.cache.k, view.cache.v, view.cache.pos = self.cache.k[:, rows], self.cache.v[:, rows], self.cache.pos
+        return view
+
+    def __call__(self, x, mask_rate=None, **_):
+        B, Lb = x.shape
+        if not self.use_cache:
+            new = self.ctx
+        else:
+            if self.cache is None or self.cache.k.size(1) != B:
+                dtype = next(self.model.parameters()).dtype
+                if torch.is_autocast_enabled(x.device.type):   # keys/values come out in the autocast dtype
+                    dtype = torch.get_autocast_dtype(x.device.type)
+                self.cache, self.cache_start = KVCache(self.cfg, B, self.cfg.block_size, x.device, dtype), -1
+            if self.cache_start != self.start or self.cache.pos > self.ctx.size(1):   # a new window: prefill
+                self.cache.pos, self.cache_start = 0, self.start
+            new = self.ctx[:, self.cache.pos:]
+        rate = None
+        if self.cfg.time_cond:  # per position: the context is clean, the block has its own rate
+            rate = torch.cat([torch.zeros(B, new.size(1), device=x.device), mask_rate[:, None].expand(B, Lb)], 1)
+        logits = self.model(torch.cat([new, x], 1), mask_rate=rate, cache=self.cache if self.use_cache else None)
+        if self.use_cache:
+            self.cache.pos -= Lb   # the block's keys and values are not kept
+        return logits[:, -Lb:]
+
+
+def generate_blocks(model, x, sampler, steps, gens, use_cache=True, **kw):
+    """BD3-LM generation with a block model: the MASK positions of x (B, N) are filled block by
+    block, left to right (blocks of block_len positions from position 0; every row has MASK at the
+    same positions). A block without MASK is context; a block with MASK (all of it, or around a
+    partial prompt, or an infilling span) is filled by sampler(view, block, steps, gens, **kw):
+    diffusion.generate or any of sample.py's samplers, view being a BlockContext. Yields
+    (step, x, changed) over the whole of x, steps counted across blocks."""
+    L, mask_id = block_len_of(model.cfg.block_len, model.cfg.block_size), model.cfg.mask_id
+    if not L:
+        raise ValueError("generate_blocks needs a block model (0 < block_len < block_size)")
+    view = BlockContext(model, use_cache)
+    x, total = x.clone(), 0
+    for a in range(0, x.size(1), L):
+        if not (x[:, a:a + L] == mask_id).any():
+            continue
+        view.point(x, a)
+        step = 0
+        for step, xb, ch in sampler(view, x[:, a:a + L], steps, gens, **kw):
+            x = x.clone()
+            x[:, a:a + L] = xb
+            changed = torch.zeros_like(x, dtype=torch.bool)
+            changed[:, a:a + L] = ch
+            yield total + step, x, changed
+        total += step
 # -----------------------------------------------------------------------------
 # data: meta.json + uint16 token files (one or many shards per split) written by prepare.py
 
@@ -1192,7 +1387,7 @@ RULES = {  # what each setting must be: (test, text); configure() checks the val
     'warmup_iters': at_least(0), 'lr_decay_iters': at_least(0, optional=True), 'min_lr': at_least(0.0, optional=True),
     'weight_decay': at_least(0.0), 'beta1': in_range(0, 1, hi_open=True), 'beta2': in_range(0, 1, hi_open=True),
     'grad_clip': at_least(0.0), 'dtype': one_of(('auto', 'float32', 'bfloat16')),
-    'backend': one_of(('auto', 'nccl', 'gloo')),
+    'backend': one_of(('auto', 'nccl', 'gloo')), 'block_len': at_least(0),
 }
 
 
@@ -1201,6 +1396,9 @@ def check_settings(c):
     if c.n_embd % c.n_head or (c.n_embd // c.n_head) % 2:
         raise UserError(f"--n_embd={c.n_embd} must be a multiple of --n_head={c.n_head} with an even quotient "
                         "(the head size, for rotary embeddings)", EXIT_USAGE)
+    if c.get('block_len') and c.block_size % c.block_len:
+        raise UserError(f"--block_len={c.block_len} must divide --block_size={c.block_size} (0 or block_size: MDLM)",
+                        EXIT_USAGE)
     decay = c.lr_decay_iters if c.lr_decay_iters is not None else c.max_iters
     for bad, what in ((c.warmup_iters > c.max_iters, f"warmup_iters={c.warmup_iters} is longer than the run: the "
                        "learning rate never reaches its peak"),
@@ -1214,7 +1412,8 @@ def check_settings(c):
 
 def default_out_dir(c, objective):
     if objective == 'diffusion':
-        return os.path.join('out', f'diffusion-{c.dataset}-{c.schedule}-{c.masking}')
+        blocks = f"-block{c.block_len}" if block_len_of(c.get('block_len', 0), c.block_size) else ''
+        return os.path.join('out', f'diffusion-{c.dataset}-{c.schedule}-{c.masking}{blocks}')
     return os.path.join('out', f'{objective}-{c.dataset}')
 
 

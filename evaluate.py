@@ -28,6 +28,15 @@ and 95% (discrete) of the time. GPT checkpoints get the exact NLL on the same to
 windows of L + 1 consecutive tokens tile the split; both kinds score the last L tokens of each
 window (GPT sees the first as context), so both sit in one table.
 
+Block diffusion models (diffusion.py --block_len=L, BD3-LM) are scored by their own bound, in the
+same units: -log p(x) = sum over blocks b of -log p(x_b | x_<b), and each block's term is bounded
+by the same uniform-masking NELBO, within the block only, the clean blocks before it as context
+(one vectorised pass of the model per batch). continuous: one t per block (stratified over the
+batch's blocks), each token masked with probability t, weight 1/t, summed over blocks / L;
+discrete: k ~ U{1..L} per block, exactly k of its positions masked, weight L/k. At L = 1 the
+discrete estimate is exact: the model's autoregressive NLL. The curve masks round(rL) positions
+of every block.
+
 Sample quality: generative perplexity under a reference autoregressive model (--ref: a gpt.py
 run folder, or a GPT-2 through `transformers` with local weights), always next to the samples'
 unigram entropy and distinct-1/2 (low perplexity with low entropy is repetition, not quality;
@@ -214,6 +223,44 @@ def continuous_batch(model, x, gen_t, gen_mask, t_min):
     return f, c.to(x.device)
 
 
+def block_times(u0, n, nb, t_min):
+    """(n * nb,) stratified times for n sequences of nb blocks, block by block within each
+    sequence; block j of sequence i takes stratum j * n + i (DiffusionObjective.draws's order)."""
+    return stratified_times(u0, 0, n * nb, n * nb, t_min).view(nb, n).t().reshape(-1)
+
+
+def block_continuous_batch(model, x, gen_t, gen_mask, t_min):
+    """continuous_batch for a block model (BD3-LM): (f, c), both (n,). One t per block, each token
+    masked with probability its block's t, each block's masked CE given the clean blocks before
+    it (the vectorised pass), weighted (1 - t_min) / t and summed over the blocks / L: the
+    block model's NELBO. c: the same control variate, summed over the blocks."""
+    n, L = x.shape
+    B = sample.model_block_len(model)
+    u0 = torch.rand((), generator=gen_t, dtype=torch.float64)
+    t = block_times(u0, n, L // B, t_min)                                  # (n * nb,) in [t_min, 1)
+    p = mask_uniform(x.reshape(-1, B), LINEAR.alpha(t), None).reshape(n, L)
+    mask = torch.rand(x.shape, generator=gen_mask, dtype=torch.float64) < p
+    ce = masked_ce(model, x, mask.to(x.device), model.cfg.mask_id, p.float().to(x.device), block_len=B)  # (n * nb,)
+    w = (1 - t_min) * LINEAR.weight(t)                                     # (n * nb,) float64 on the CPU
+    f = (w.to(x.device) * ce.double()).view(n, -1).sum(1) / L
+    c = (w * mask.reshape(-1, B).sum(1)).view(n, -1).sum(1) / L - (1 - t_min)
+    return f, c.to(x.device)
+
+
+def block_discrete_batch(model, x, gen_t, gen_mask, t_min=None):
+    """discrete_batch for a block model: k ~ U{1..B} per block (stratified over the batch's
+    blocks), exactly k of its B positions masked, (B / k) x its summed CE, summed over the blocks
+    / L. At B = 1 this is the exact autoregressive NLL. (f, None)."""
+    n, L = x.shape
+    B = sample.model_block_len(model)
+    u0 = torch.rand((), generator=gen_t, dtype=torch.float64)
+    k = (block_times(u0, n, L // B, 0.0) * B).long().clamp(max=B - 1) + 1   # (n * nb,) in 1..B
+    mask = random_k_mask(k, B, gen_mask).reshape(n, L).to(x.device)
+    rate = (k.float() / B).repeat_interleave(B).view(n, L).to(x.device)
+    ce = masked_ce(model, x, mask, model.cfg.mask_id, rate, block_len=B)   # (n * nb,)
+    return (B / k.to(x.device) * ce.double()).view(n, -1).sum(1) / L, None
+
+
 def discrete_batch(model, x, gen_t, gen_mask, t_min=None):
     """Discrete any-order bound per sequence (nats/token): k ~ U{1..L} stratified, exactly k
     positions masked, (L / k) x summed CE / L = the mean CE of the k masked tokens. (f, None)."""
@@ -299,29 +346,34 @@ def mask_rate_curve(model, x, points, batch_size, seed, autocast=contextlib.null
     """Cross-entropy, argmax reconstruction accuracy and predictive entropy of the masked
     tokens when round(r L) positions are masked uniformly, at the mid-points r of `points`
     equal bins of [0, 1]. The NELBO is the area under the CE curve (Uria et al. 2014).
-    x: (N, L). Returns a list of dicts, one per rate."""
+    x: (N, L). Returns a list of dicts, one per rate. A block model: round(r B) positions of
+    every block of B, given the clean blocks before it (the vectorised pass); k = 1..B each once
+    when B <= points (then the area is the discrete any-order bound's expectation)."""
     dev = next(model.parameters()).device
     N, L = x.shape
+    B = sample.model_block_len(model)
+    span = B or L                                                          # positions masked together
     out = []
-    for i in range(points):
-        r = (i + 0.5) / points
-        k_val = min(max(1, round(r * L)), L)
+    ks = [min(max(1, round((i + 0.5) / points * span)), span) for i in range(points)]
+    for i, k_val in enumerate(range(1, span + 1) if B and B <= points else ks):
         sums = torch.zeros(3, dtype=torch.float64)
         count = 0
         for b in range(0, N, batch_size):
             xb = x[b:b + batch_size].to(dev)
-            k = torch.full((xb.size(0),), k_val)
-            mask = random_k_mask(k, L, rng(seed, 'curve', i, b)).to(dev)
+            k = torch.full((xb.size(0) * L // span,), k_val)
+            mask = random_k_mask(k, span, rng(seed, 'curve', i, b)).view(xb.shape).to(dev)
+            clean = {'x0': xb} if B else {}
             with autocast:
                 logits = model(torch.where(mask, model.cfg.mask_id, xb), mask_rate=torch.full(
-                    (xb.size(0),), k_val / L, device=dev), select=mask.flatten().nonzero().squeeze(1)).float()  # (M, V)
+                    (xb.size(0),), k_val / span, device=dev), select=mask.flatten().nonzero().squeeze(1),
+                    **clean).float()  # (M, V)
             y = xb[mask]
             logp = F.log_softmax(logits, -1)
             sums += torch.stack([-logp.gather(1, y[:, None]).sum(), (logits.argmax(-1) == y).sum(),
                                  torch.special.entr(logp.exp()).sum()]).double().cpu()
             count += y.numel()
         ce, acc, ent = (sums / count).tolist()
-        out.append({'mask_rate': k_val / L, 'ce': ce, 'accuracy': acc, 'entropy': ent, 'tokens': count})
+        out.append({'mask_rate': k_val / span, 'ce': ce, 'accuracy': acc, 'entropy': ent, 'tokens': count})
     return out
 
 
@@ -336,7 +388,11 @@ def likelihood(model, objective, w, c, char, autocast=contextlib.nullcontext(), 
     if c.passes < 2:
         raise UserError(f"--passes={c.passes}: at least 2 are needed for a confidence interval", EXIT_USAGE)
     x = w[:, 1:]
-    for name, fn, on in (('continuous', continuous_batch, True), ('discrete', discrete_batch, c.discrete)):
+    B = sample.model_block_len(model)
+    if B:  # block diffusion: its own bound (module docstring)
+        res['block_len'] = B
+    for name, fn, on in (('continuous', block_continuous_batch if B else continuous_batch, True),
+                         ('discrete', block_discrete_batch if B else discrete_batch, c.discrete)):
         if on:
             est, tokens, dt, beta = monte_carlo(model, x, fn, c.passes, c.batch_size, c.seed, c.t_min,
                                                 c.control_variate and name == 'continuous', autocast)
@@ -654,6 +710,7 @@ def evaluate_run(run_dir, c, log=print):
            'ckpt_mtime': os.path.getmtime(os.path.join(run_dir, 'ckpt.pt')),
            'schedule': cfg.get('schedule') if objective == 'diffusion' else None,
            'masking': cfg.get('masking') if objective == 'diffusion' else None,
+           'block_len': sample.model_block_len(model),
            'params': model.num_params(), 'dataset': cfg['dataset'], 'tokenizer': meta['tokenizer'],
            'settings': {k: c[k] for k in EVAL_KEYS}, 'device': str(dev), 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
            'notes': []}
@@ -705,13 +762,20 @@ def describe_likelihood(lik, title):
              f"{lik['window_tokens']}"]
     labels = {'continuous': f"NELBO, continuous t (t in [{lik.get('continuous', {}).get('t_min', 0):g}, 1])",
               'discrete': "NELBO, discrete any-order (k ~ U{1..L})", 'exact': "exact NLL (autoregressive)"}
+    if lik.get('block_len'):
+        B = lik['block_len']
+        labels = {'continuous': f"block NELBO (BD3-LM, blocks of {B}, the text before each as context), continuous t "
+                                f"(one per block, in [{lik.get('continuous', {}).get('t_min', 0):g}, 1])",
+                  'discrete': f"block NELBO, discrete any-order (k ~ U{{1..{B}}} per block)"}
     for key in ('continuous', 'discrete', 'exact'):
         if key in lik:
             e = lik[key]
             extra = f", {e['passes']} passes, CI ±{100 * e['rel_ci95']:.2f}%" if key != 'exact' else ''
             lines.append(f"  {labels[key]}{extra}:\n    {fmt_est(e)}")
     if 'curve' in lik:
-        lines.append("  by mask rate r (exactly round(rL) tokens masked): CE nats | accuracy | predictive entropy nats")
+        where = ' in every block' if lik.get('block_len') else ''
+        lines.append(f"  by mask rate r (exactly round(rL) tokens masked{where}): CE nats | accuracy | predictive "
+                     "entropy nats")
         for p in lik['curve']:
             lines.append(f"    r={p['mask_rate']:.3f}  {p['ce']:.4f}  {p['accuracy']:.3f}  {p['entropy']:.4f}")
         lines.append(f"    area under the CE curve (midpoint rule, {len(lik['curve'])} rates): {lik['curve_area']:.4f} "
@@ -721,8 +785,9 @@ def describe_likelihood(lik, title):
 
 def summary_text(res):
     lines = [f"== {res['run']}",
-             f"{res['objective']}" + (f", schedule {res['schedule']}, masking {res['masking']}"
-                                      if res['objective'] == 'diffusion' else '') +
+             f"{res['objective']}" + (f" (block diffusion, block_len {res['block_len']})" if res.get('block_len')
+                                      else '') +
+             (f", schedule {res['schedule']}, masking {res['masking']}" if res['objective'] == 'diffusion' else '') +
              f", step {res['ckpt_step']}, {res['params'] / 1e6:.2f}M parameters, {res['dataset']}"]
     lik = res['likelihood']
     lines += describe_likelihood(lik, f"likelihood on {lik['data']} [{lik['split']}] (uniform masking whatever "
@@ -829,7 +894,8 @@ def row_of(res):
     wt = res.get('wikitext2')
     tr = res.get('training', {})
     return {'run': os.path.basename(res['run'].rstrip('/')), 'path': res['run'], 'objective': res['objective'],
-            'schedule': res.get('schedule') or '-', 'masking': res.get('masking') or '-', 'step': res['ckpt_step'],
+            'schedule': res.get('schedule') or '-', 'masking': res.get('masking') or '-',
+            'block_len': res.get('block_len') or 0, 'step': res['ckpt_step'],
             'params': res['params'], 'estimator': lik['headline'], 'nats': e['nats'], 'ci95': e['ci95'],
             'bits': e['bits'], 'bits_unit': e['bits_unit'], 'ppl': e['ppl'], 'ppl_lo': e['ppl_lo'],
             'ppl_hi': e['ppl_hi'],
@@ -852,14 +918,16 @@ def markdown_table(rows):
             'discrete PPL', 'WikiText-2 PPL', 'gen PPL', 'entropy', 'MAUVE', 'val_loss (log)', 'val_nelbo (log)']
     out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
-        cells = [r['run'], r['objective'], r['schedule'], r['masking'], str(r['step']),
+        kind = f"block diffusion L={r['block_len']}" if r.get('block_len') else r['objective']
+        cells = [r['run'], kind, r['schedule'], r['masking'], str(r['step']),
                  f"{r['nats']:.4f} ± {r['ci95']:.4f}" + (' (exact)' if r['estimator'] == 'exact' else ''),
                  f"{r['ppl']:.3f} [{r['ppl_lo']:.3f}, {r['ppl_hi']:.3f}]", fmt(r['discrete_ppl']),
                  fmt(r['wikitext2_ppl'], '.2f'), fmt(r['gen_ppl'], '.2f', r['gen_ppl_sd']), fmt(r['entropy']),
                  fmt(r['mauve'], '.3f', r['mauve_sd']), fmt(r['val_loss'], '.4f'), fmt(r['val_nelbo'], '.4f')]
         out.append('| ' + ' | '.join(cells) + ' |')
     refs = sorted({r['reference'] for r in rows if r['reference']})
-    notes = ["NELBO: uniform-masking bound (continuous t) for diffusion runs, exact NLL for GPT runs, on the same "
+    notes = ["NELBO: uniform-masking bound (continuous t) for diffusion runs (block diffusion: its own bound, uniform "
+             "masking within each block given the text before it), exact NLL for GPT runs, on the same "
              "tokens of each run's validation split; the CI is Monte Carlo error. val_loss/val_nelbo: the "
              "training log's own last estimates (val_loss follows each run's schedule and masking: not comparable)."]
     if refs:

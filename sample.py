@@ -33,7 +33,17 @@ evaluate.py and visualize.py: frames() is the one entry point, a generator of
                    are remasked with probability sigma_t, so later steps can correct them
                    (--remdm_mode=cap: sigma_t = min(eta, sigma_max); rescale: eta * sigma_max).
 
-Longer than block_size: semi-autoregressive windows. The first window fills the block; each
+Block diffusion models (diffusion.py --block_len=L, BD3-LM: Arriola et al. 2025) generate block
+by block, left to right: each block of L positions starts all MASK and is filled by the chosen
+sampler in --steps steps (steps per block), seeing only itself and the finished blocks before it,
+whose keys and values stay in a KV cache (diffusion.BlockContext: only the current block runs
+through the model; a finished block enters the cache in the next block's first pass). A prompt
+fills whole blocks of context and, when its length is not a multiple of L, fixed positions of the
+first block generated; infilling works within a block (a [MASK] span sees the text to its left
+and the rest of its block). Past block_size the window rolls by whole blocks: each block then
+sees the last block_size - L tokens, prefilled again. The cache never changes the samples.
+
+Longer than block_size (MDLM models): semi-autoregressive windows. The first window fills the block; each
 later window keeps the last block_size - stride tokens of the text so far as its (fixed)
 prefix and generates the next stride tokens. GPT slides its own window (gpt.generate).
 
@@ -59,14 +69,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import (EXIT_USAGE, Schedule, Tokenizer, UserError, all_logits, at_least, atomic_write_text, configure,
-                       generate, in_range, one_of, print0, read_checkpoint, resolve_device, run_cli, sample_categorical,
-                       script_info, time_grid, uniform)
+from diffusion import (EXIT_USAGE, Schedule, Tokenizer, UserError, all_logits, at_least, atomic_write_text,
+                       block_len_of, configure, generate, generate_blocks, in_range, one_of, print0, read_checkpoint,
+                       resolve_device, run_cli, sample_categorical, script_info, time_grid, uniform)
 
 # -----------------------------------------------------------------------------
 out_dir = ''                    # run folder holding ckpt.pt (diffusion.py or gpt.py)
 sampler = 'ancestral_cache'     # diffusion sampler: one of SAMPLERS (GPT checkpoints sample left to right)
-steps = 64                      # diffusion denoising steps per window (block)
+steps = 64                      # diffusion denoising steps per window (MDLM) or per block (block diffusion)
 num_samples = 1                 # samples, generated as one batch
 max_new_tokens = -1             # tokens to append; -1 = fill the block after the prompt (0 if it has [MASK])
 start = ''                      # prompt text with optional [MASK] / [MASK:N] spans, or FILE:path
@@ -79,7 +89,7 @@ threshold = 0.9                 # threshold sampler: reveal positions whose max 
 remask_score = 'max_prob'       # remask sampler confidence: 'max_prob' | 'margin' | 'neg_entropy'
 remdm_mode = 'cap'              # remdm sigma_t: 'cap' (min(eta, sigma_max)) | 'rescale' (eta * sigma_max)
 remdm_eta = 0.02                # remdm remasking strength eta
-stride = 0                      # new tokens per window after the first (long texts); 0 = block_size // 2
+stride = 0                      # new tokens per window after the first (long texts, MDLM); 0 = block_size // 2
 trace = ''                      # write every frame (step, tokens, changed) to this .json file
 # -----------------------------------------------------------------------------
 
@@ -163,6 +173,11 @@ def load_checkpoint(path, device='cpu'):
     """(model in eval mode on device, checkpoint dict), rebuilt by the script that made it."""
     run = load_run(path, device)
     return run.model, run.ckpt
+
+
+def model_block_len(model):
+    """A block diffusion model's block length; 0 for MDLM and GPT (and models from before block_len)."""
+    return block_len_of(getattr(model.cfg, 'block_len', 0), model.cfg.block_size)
 
 
 # -----------------------------------------------------------------------------
@@ -406,6 +421,10 @@ def _diffusion_frames(model, prompt, max_new_tokens, gens, sampler, steps, tempe
     if seq.numel() and (seq > cfg.mask_id).any():
         raise UserError(f"prompt holds token ids above the vocabulary ({cfg.mask_id} tokens)", EXIT_USAGE)
     fn = SAMPLER_FNS[sampler]
+    if model_block_len(model):   # block diffusion: block by block, KV cache (module docstring)
+        yield from generate_blocks(model, seq, fn, steps, gens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   **opts)
+        return
     total, step = 0, 0
     while True:
         masked = (seq == cfg.mask_id).any(0).nonzero()  # every row has the same masked positions here
@@ -519,7 +538,9 @@ def main():
     for i in range(c.num_samples):
         print(tok.decode(x[i].tolist()))
         print('-' * 60)
-    how = 'gpt (KV cache)' if objective == 'gpt' else f'diffusion {c.sampler}, {c.steps} steps/window'
+    L = model_block_len(model)
+    how = ('gpt (KV cache)' if objective == 'gpt' else f'block diffusion (block_len {L}) {c.sampler}, {c.steps} '
+           'steps/block' if L else f'diffusion {c.sampler}, {c.steps} steps/window')
     print(f"{how}: {c.num_samples} x {n_new} tokens, NFE {stats['nfe']} forward passes, {dt:.2f} s, "
           f"{c.num_samples * n_new / max(dt, 1e-9):,.0f} tokens/s")
     if c.trace:

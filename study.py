@@ -1,15 +1,17 @@
 """
 study.py: the whole 6 schedules x 2 maskings matrix plus a GPT baseline, trained, evaluated
-and compared by one command, with several seeds per cell.
+and compared by one command, with several seeds per cell; and block diffusion (BD3-LM) rows at
+block_lens 4 and 16 (uniform masking, --block_schedule), between GPT (block length 1) and MDLM
+(block length block_size).
 
     python prepare.py && python study.py          # CPU scale, Tiny Shakespeare (see README for time)
 
 Order: the GPT baselines first (seed 0 is also the reference model for the entropy array and
-for generative perplexity), then `prepare.py --entropy`, then the 12 diffusion cells x seeds,
-`jobs` at a time, then evaluate.py on every run and a table in results/. Every run uses
---init_from=auto, so rerunning after an interruption continues where it stopped, and finished
-runs are skipped. At the 124M scale, train with `sbatch --array=0-11 slurm_train.sh
-config/fineweb_124m.py` and point --runs_dir at those runs with --train=false.
+for generative perplexity), then `prepare.py --entropy`, then the 12 diffusion cells and the
+block diffusion cells x seeds, `jobs` at a time, then evaluate.py on every run and a table in
+results/. Every run uses --init_from=auto, so rerunning after an interruption continues where
+it stopped, and finished runs are skipped. At the 124M scale, train with `sbatch --array=0-11
+slurm_train.sh config/fineweb_124m.py` and point --runs_dir at those runs with --train=false.
 """
 import json
 import os
@@ -30,6 +32,8 @@ dataset = 'shakespeare_char'    # prepared by prepare.py
 data_dir = 'data'
 schedules = ','.join(SCHEDULES) # comma-separated subset of the six
 maskings = ','.join(MASKINGS)   # comma-separated subset of MASKINGS
+block_lens = '4,16'             # block diffusion (BD3-LM) rows: comma-separated block lengths dividing block_size; '' = none
+block_schedule = 'clipped_cosine'  # their schedule (uniform masking): the best uniform cell of results/study.md
 seeds = 3                       # seeds per cell: 0, 1, ...
 jobs = 2                        # training processes at once (one per CPU core)
 threads = 1                     # torch threads per process
@@ -104,7 +108,7 @@ def mean_sd(values):
 
 
 def summarise(dirs, out):
-    """Group the runs' eval.json by (objective, schedule, masking): mean and spread over seeds."""
+    """Group the runs' eval.json by (objective, block length, schedule, masking): mean and spread over seeds."""
     from evaluate import row_of
     rows = []
     for d in dirs:
@@ -112,11 +116,12 @@ def summarise(dirs, out):
             rows.append(row_of(json.load(f)))
     cells = {}
     for r in rows:
-        cells.setdefault((r['objective'], r['schedule'], r['masking']), []).append(r)
+        cells.setdefault((r['objective'], r.get('block_len') or 0, r['schedule'], r['masking']), []).append(r)
     keys = ('nats', 'ppl', 'val_loss', 'val_nelbo', 'gen_ppl', 'entropy', 'data_entropy', 'mauve')
     table = []
-    for (obj, sched, mask), rs in sorted(cells.items(), key=lambda kv: (kv[0][0] != 'gpt', kv[0][1], kv[0][2])):
-        cell = {'objective': obj, 'schedule': sched, 'masking': mask, 'seeds': len(rs),
+    order = sorted(cells.items(), key=lambda kv: (kv[0][0] != 'gpt', kv[0][1] == 0, kv[0][1], kv[0][2], kv[0][3]))
+    for (obj, block_len, sched, mask), rs in order:   # GPT, block diffusion by block length, then MDLM
+        cell = {'objective': obj, 'block_len': block_len, 'schedule': sched, 'masking': mask, 'seeds': len(rs),
                 'runs': [r['run'] for r in rs]}
         if obj == 'diffusion':
             lo, hi = coverage(sched)
@@ -138,7 +143,8 @@ def summarise(dirs, out):
     for c in table:
         gpt = c['objective'] == 'gpt'
         lines.append('| ' + ' | '.join([
-            'GPT' if gpt else 'diffusion', c['schedule'], c['masking'],
+            'GPT' if gpt else f"block diffusion L={c['block_len']}" if c['block_len'] else 'diffusion', c['schedule'],
+            c['masking'],
             '-' if gpt else f"[{c['mask_rates_trained'][0]:.4f}, {c['mask_rates_trained'][1]:.4f}]",
             'exact NLL' if gpt else ('yes' if c['bound_as_trained'] else 'no'), str(c['seeds']),
             f(c, 'nats', '.4f'), f(c, 'ppl'), f(c, 'val_loss', '.4f'), '-' if gpt else f(c, 'val_nelbo', '.4f'),
@@ -147,7 +153,8 @@ def summarise(dirs, out):
     notes = [
         'mean ± standard deviation over seeds. "uniform NELBO": evaluate.py\'s uniform-masking bound on the '
         'validation split for every diffusion run (the fair yardstick; its Monte Carlo 95% CI averages '
-        f"{statistics.fmean(c['nelbo_ci95_mean'] for c in table):.4f} nats), exact NLL for GPT.",
+        f"{statistics.fmean(c['nelbo_ci95_mean'] for c in table):.4f} nats); for block diffusion the same bound "
+        'within each block, the text before it as context; exact NLL for GPT.',
         '"val_loss in training log": each run\'s own objective (its schedule, masking and weighting) at the '
         'last evaluation; "val_nelbo in training log": the uniform bound estimated by the training loop.',
         'gen PPL: samples scored by the seed-0 GPT baseline; read it next to the entropy '
@@ -175,7 +182,8 @@ def scatter(table, out):
             continue
         color = {'uniform': 'tab:blue', 'entropy': 'tab:orange'}.get(c['masking'], 'tab:gray')
         ax.errorbar(c['entropy'], c['gen_ppl'], xerr=c['entropy_sd'], yerr=c['gen_ppl_sd'], fmt='o', color=color)
-        ax.annotate('GPT' if c['objective'] == 'gpt' else c['schedule'], (c['entropy'], c['gen_ppl']), fontsize=7)
+        label = 'GPT' if c['objective'] == 'gpt' else (f"L={c['block_len']} " if c['block_len'] else '') + c['schedule']
+        ax.annotate(label, (c['entropy'], c['gen_ppl']), fontsize=7)
     ax.set(xlabel='unigram entropy of samples (nats)', ylabel='generative perplexity (GPT seed 0)',
            title='sample quality: blue uniform, orange entropy masking, grey GPT', yscale='log')
     fig.tight_layout()
@@ -190,26 +198,37 @@ def main():
     bad = [s for s in scheds if s not in SCHEDULES] + [m for m in masks if m not in MASKINGS]
     if bad:
         raise UserError(f"unknown schedule or masking {bad}", 2)
+    try:
+        lens = [int(b) for b in c.block_lens.split(',') if b.strip()]
+    except ValueError:
+        lens = [0]
+    if any(not 0 < b < c.block_size or c.block_size % b for b in lens) or c.block_schedule not in SCHEDULES:
+        raise UserError(f"--block_lens={c.block_lens!r}, --block_schedule={c.block_schedule!r}: block lengths divide "
+                        f"block_size={c.block_size} (and are smaller); schedules: {', '.join(SCHEDULES)}", 2)
     t_start = time.time()
     gpt_dirs = [os.path.join(c.runs_dir, f'gpt-s{s}') for s in range(c.seeds)]
     diff_dirs = {(sc, m, s): os.path.join(c.runs_dir, f'diffusion-{sc}-{m}-s{s}')
                  for sc in scheds for m in masks for s in range(c.seeds)}
+    block_dirs = {(b, s): os.path.join(c.runs_dir, f'diffusion-block{b}-{c.block_schedule}-uniform-s{s}')
+                  for b in lens for s in range(c.seeds)}
     ref = gpt_dirs[0]
     entropy = os.path.join(c.data_dir, c.dataset, 'entropy.npy')
     if c.train:
-        print(f"training {len(gpt_dirs)} GPT baselines and {len(diff_dirs)} diffusion runs, {c.jobs} at a time")
+        print(f"training {len(gpt_dirs)} GPT baselines, {len(diff_dirs)} diffusion runs and {len(block_dirs)} block "
+              f"diffusion runs, {c.jobs} at a time")
         with ThreadPoolExecutor(c.jobs) as pool:
             list(pool.map(lambda sd: train_run(c, 'gpt.py', sd[1], [f'--seed={sd[0]}']), enumerate(gpt_dirs)))
         if 'entropy' in masks and not os.path.exists(entropy):
             run(c, [sys.executable, 'prepare.py', '--entropy', f'--ref={ref}', f'--dataset={c.dataset}',
                  f'--data_dir={c.data_dir}'])
+        todo = [(d, [f'--schedule={sc}', f'--masking={m}', f'--seed={s}', f'--entropy_file={entropy}'])
+                for (sc, m, s), d in diff_dirs.items()]
+        todo += [(d, [f'--block_len={b}', f'--schedule={c.block_schedule}', '--masking=uniform', f'--seed={s}'])
+                 for (b, s), d in block_dirs.items()]
         with ThreadPoolExecutor(c.jobs) as pool:
-            list(pool.map(lambda item: train_run(c, 'diffusion.py', item[1],
-                                                 [f'--schedule={item[0][0]}', f'--masking={item[0][1]}',
-                                                  f'--seed={item[0][2]}', f'--entropy_file={entropy}']),
-                          diff_dirs.items()))
+            list(pool.map(lambda item: train_run(c, 'diffusion.py', *item), todo))
     t_train = time.time() - t_start
-    all_dirs = gpt_dirs + list(diff_dirs.values())
+    all_dirs = gpt_dirs + list(block_dirs.values()) + list(diff_dirs.values())
     missing = [d for d in all_dirs if not os.path.exists(os.path.join(d, 'ckpt.pt'))]
     if missing:
         raise UserError(f"no checkpoint in {missing[0]} (and {len(missing) - 1} more); run with --train=true")
@@ -223,7 +242,7 @@ def main():
                       [d for d in all_dirs if not evaluated(d)]))
     run(c, [sys.executable, 'evaluate.py', '--compare', *all_dirs, f'--report_dir={c.results_dir}', f'--device={c.device}',
          f'--ref={ref}', *c.eval_args.split()])
-    summarise(gpt_dirs + list(diff_dirs.values()), c.results_dir)
+    summarise(all_dirs, c.results_dir)
     total = time.time() - t_start
     if c.train:  # the time of a whole study (an evaluation-only rerun would overwrite it with its own)
         with open(os.path.join(c.results_dir, 'study_time.json'), 'w') as f:

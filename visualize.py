@@ -41,7 +41,7 @@ gpt_dir = ''                    # GPT run folder; '' = gpt.py's default out_dir
 diffusion_only = False          # race the diffusion model alone
 gpt_only = False                # race the GPT model alone
 sampler = sample.sampler        # diffusion sampler: one of sample.SAMPLERS (default: sample.py's)
-steps = 64                      # diffusion denoising steps (per window of block_size tokens)
+steps = 64                      # diffusion denoising steps (per window of block_size tokens, or per block)
 length = 0                      # tokens each model generates; 0 = as many as the smaller block_size allows
 start = ''                      # prompt for both models ('' = none: GPT starts from one token); [MASK:N] infills
 temperature = 1.0               # sampling temperature; 0 = greedy
@@ -184,6 +184,8 @@ def race(c, dev):
     for obj, d, run, tok, prompt in plans:
         model, ckpt = run.model, run.ckpt
         label = f"{c.sampler} sampler, {c.steps} steps" if obj == 'diffusion' else 'left to right, KV cache'
+        if sample.model_block_len(model):  # block diffusion fills block after block (sample.frames)
+            label = f"{c.sampler}, {c.steps} steps per block of {sample.model_block_len(model)}"
         frames = record(model, obj, prompt, n, dev, sampler=c.sampler, steps=c.steps, temperature=c.temperature,
                         top_k=c.top_k, top_p=c.top_p, seed=c.seed, schedule=getattr(run.objective, 'schedule', None))
         info = {'out_dir': d, 'params': model.num_params(), 'checkpoint_step': ckpt['step'],
