@@ -45,7 +45,7 @@ batch_size = 12                 # sequences per step
 vocab = 65                      # real tokens (Tiny Shakespeare's characters)
 steps = 100                     # timed steps per objective in this process (after 10 warm-up steps)
 threads = 1                     # torch CPU threads (0 = torch's default)
-compile = False                 # torch.compile the loss (always on for CUDA); on CPU also times compiled whole processes
+compile = False                 # also time the compiled loss in this process (always so on CUDA)
 processes = True                # also time whole processes (ours and, when present, the references)
 n1 = 40                         # whole-process runs: steps of the short run
 n2 = 240                        # ... and of the long run
@@ -110,11 +110,14 @@ def in_process(c, dev):
     s = model_settings(c, dev)
     meta = {'vocab_size': c.vocab if s.dataset == 'shakespeare_char' else 50257}   # GPT-2's for BPE configs
     runs, tokens = {}, s.batch_size * s.block_size
-    for Objective in (D.DiffusionObjective, GPTObjective):
-        torch.manual_seed(c.seed)
-        model = D.Transformer(D.model_config(s, meta, Objective.causal)).to(dev)
-        runs[Objective.name] = (model.train(), D.make_optimizer(model, s, dev), Objective(s, meta))
-    model0 = runs['diffusion'][0]
+    variants = [(' --compile', True)] if dev.type == 'cuda' else [('', False)] + [(' --compile', True)] * s.compile
+    for label, comp in variants:   # on CPU, eager and (with --compile) compiled, alternating
+        for Objective in (D.DiffusionObjective, GPTObjective):
+            torch.manual_seed(c.seed)
+            model = D.Transformer(D.model_config(s, meta, Objective.causal)).to(dev)
+            runs[f'{Objective.name}.py{label}'] = (model.train(), D.make_optimizer(model, s, dev),
+                                                  Objective(D.Config(s, compile=comp), meta))
+    model0 = runs[next(iter(runs))][0]
     print(f"model: {model0.num_params() / 1e6:.2f}M parameters ({s.n_layer} layers, {s.n_head} heads, "
           f"{s.n_embd} wide, {s.mlp}), batch {s.batch_size} x block {s.block_size}, vocab {meta['vocab_size']}, "
           f"{dev}, {torch.get_num_threads()} thread(s), compile={s.compile}")
@@ -153,7 +156,7 @@ def in_process(c, dev):
     for name, (model, _, objective) in runs.items():
         breaks, compiles = graph_report(objective, model, window, dev) if dev.type != 'mps' else ('-', '-')
         mfu = f"{100 * flops / (ms[name] / 1000) / peak:>7.1f}%" if peak else ''
-        print(f"{name + '.py':<28}{ms[name]:>10.1f}{ms[name] / floor:>9.2f}{tokens / ms[name] * 1000:>12,.0f}{mfu}"
+        print(f"{name:<28}{ms[name]:>10.1f}{ms[name] / floor:>9.2f}{tokens / ms[name] * 1000:>12,.0f}{mfu}"
               f"{breaks:>14}{compiles:>18}")
     if dev.type == 'cuda':
         print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
@@ -165,11 +168,9 @@ def contenders(c, work):
     ours = [f'--n_layer={c.n_layer}', f'--n_head={c.n_head}', f'--n_embd={c.n_embd}', f'--block_size={c.block_size}',
             f'--batch_size={c.batch_size}', '--device=cpu', '--eval_iters=1', '--sample_at_end=false',
             f'--data_dir={work}/data', '--log_interval=1000000', '--eval_interval=1000000']
-    variants = [('', [])] + ([(' --compile', ['--compile=true'])] if c.compile else [])
-    out = {f'{name}.py{label}': (lambda n, name=name, extra=extra: [
-        sys.executable, os.path.join(HERE, f'{name}.py'), *ours, *extra, f'--max_iters={n}',
-        f'--out_dir={work}/out-{name}-{n}-{time.time_ns()}'], work) for label, extra in variants
-        for name in ('diffusion', 'gpt')}
+    out = {f'{name}.py': (lambda n, name=name: [sys.executable, os.path.join(HERE, f'{name}.py'), *ours,
+                                                f'--max_iters={n}', f'--out_dir={work}/out-{name}-{n}-{time.time_ns()}'],
+                          work) for name in ('diffusion', 'gpt')}   # eager: compiling's own time is too noisy to subtract
     ref = c.reference_dir
     if ref and os.path.isdir(os.path.join(ref, 'nanoGPT')) and os.path.exists(c.text):
         ng = os.path.join(work, 'nanoGPT')
