@@ -53,6 +53,7 @@ import importlib.util
 import json as jsonlib  # `json` is a setting (--json=PATH)
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -913,10 +914,28 @@ def fmt(v, spec='.3f', sd=None):
     return f"{v:{spec}}" + (f" ± {sd:{spec}}" if sd is not None else '')
 
 
+def md_table(head, rows, notes=()):
+    """A markdown table (head: column names; rows: lists of cell texts) and its notes as a list."""
+    out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
+    return '\n'.join(out) + '\n\n' + '\n'.join(f"- {n}" for n in notes) + '\n'
+
+
+def pyplot(log=print):
+    """matplotlib.pyplot without a display, or None (and a note) when matplotlib is absent."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("no plots: matplotlib is not installed (pip install matplotlib)")
+        return None
+    return plt
+
+
 def markdown_table(rows):
     head = ['run', 'objective', 'schedule', 'masking', 'step', 'NELBO/NLL nats/token (95% CI)', 'PPL [95% CI]',
             'discrete PPL', 'WikiText-2 PPL', 'gen PPL', 'entropy', 'MAUVE', 'val_loss (log)', 'val_nelbo (log)']
-    out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    out = []
     for r in rows:
         kind = f"block diffusion L={r['block_len']}" if r.get('block_len') else r['objective']
         cells = [r['run'], kind, r['schedule'], r['masking'], str(r['step']),
@@ -924,7 +943,7 @@ def markdown_table(rows):
                  f"{r['ppl']:.3f} [{r['ppl_lo']:.3f}, {r['ppl_hi']:.3f}]", fmt(r['discrete_ppl']),
                  fmt(r['wikitext2_ppl'], '.2f'), fmt(r['gen_ppl'], '.2f', r['gen_ppl_sd']), fmt(r['entropy']),
                  fmt(r['mauve'], '.3f', r['mauve_sd']), fmt(r['val_loss'], '.4f'), fmt(r['val_nelbo'], '.4f')]
-        out.append('| ' + ' | '.join(cells) + ' |')
+        out.append(cells)
     refs = sorted({r['reference'] for r in rows if r['reference']})
     notes = ["NELBO: uniform-masking bound (continuous t) for diffusion runs (block diffusion: its own bound, uniform "
              "masking within each block given the text before it), exact NLL for GPT runs, on the same "
@@ -933,17 +952,13 @@ def markdown_table(rows):
     if refs:
         notes.append("gen PPL and MAUVE features under: " + '; '.join(refs) +
                      (" -- WARNING: runs were scored under different references" if len(refs) > 1 else ''))
-    return '\n'.join(out) + '\n\n' + '\n'.join(f"- {n}" for n in notes) + '\n'
+    return md_table(head, out, notes)
 
 
 def plots(rows, report, log=print):
     """loss_curves.png (training log) and nelbo_by_schedule.png; skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("no plots: matplotlib is not installed (pip install matplotlib)")
+    plt = pyplot(log)
+    if plt is None:
         return []
     made = []
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -989,6 +1004,98 @@ def plots(rows, report, log=print):
     plt.close(fig)
     made.append(path)
     return made
+
+
+def coverage(name):
+    """The range of mask rates [1 - alpha(0), 1 - alpha(1)] a schedule trains on; the NELBO as
+    trained is a bound on the likelihood only where this is [0, 1] (see README, The math)."""
+    s = Schedule(name)
+    a = s.alpha(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist()
+    return 1 - a[0], 1 - a[1]
+
+
+def mean_sd(values):
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def summarise_cells(dirs, out):
+    """study.py's table (study.md, study.json) and gen_ppl_vs_entropy.png. Group the runs' eval.json by (objective, block length, schedule, masking): mean and spread over seeds."""
+    rows = []
+    for d in dirs:
+        with open(os.path.join(d, 'eval.json')) as f:
+            rows.append(row_of(jsonlib.load(f)))
+    cells = {}
+    for r in rows:
+        cells.setdefault((r['objective'], r.get('block_len') or 0, r['schedule'], r['masking']), []).append(r)
+    keys = ('nats', 'ppl', 'val_loss', 'val_nelbo', 'gen_ppl', 'entropy', 'data_entropy', 'mauve')
+    table = []
+    order = sorted(cells.items(), key=lambda kv: (kv[0][0] != 'gpt', kv[0][1] == 0, kv[0][1], kv[0][2], kv[0][3]))
+    for (obj, block_len, sched, mask), rs in order:   # GPT, block diffusion by block length, then MDLM
+        cell = {'objective': obj, 'block_len': block_len, 'schedule': sched, 'masking': mask, 'seeds': len(rs),
+                'runs': [r['run'] for r in rs]}
+        if obj == 'diffusion':
+            lo, hi = coverage(sched)
+            cell['mask_rates_trained'] = [lo, hi]
+            cell['bound_as_trained'] = mask == 'uniform' and lo < 1e-9 and hi > 0.999
+        for k in keys:
+            cell[k], cell[k + '_sd'] = mean_sd([r[k] for r in rs])
+        cell['nelbo_ci95_mean'] = statistics.fmean(r['ci95'] for r in rs)
+        table.append(cell)
+    write_json({'cells': table, 'unit': rows[0]['bits_unit'] if rows else None}, os.path.join(out, 'study.json'))
+
+    def f(c, k, spec='.3f'):
+        return '-' if c[k] is None else f"{c[k]:{spec}} ± {c[k + '_sd']:{spec}}"
+    head = ['model', 'schedule', 'masking', 'mask rates trained', 'bound as trained?', 'seeds',
+            'uniform NELBO / NLL (nats/char)', 'PPL', 'val_loss in training log', 'val_nelbo in training log',
+            'gen PPL', 'sample entropy']
+    cells_md = []
+    for c in table:
+        gpt = c['objective'] == 'gpt'
+        cells_md.append([
+            'GPT' if gpt else f"block diffusion L={c['block_len']}" if c['block_len'] else 'diffusion', c['schedule'],
+            c['masking'],
+            '-' if gpt else f"[{c['mask_rates_trained'][0]:.4f}, {c['mask_rates_trained'][1]:.4f}]",
+            'exact NLL' if gpt else ('yes' if c['bound_as_trained'] else 'no'), str(c['seeds']),
+            f(c, 'nats', '.4f'), f(c, 'ppl'), f(c, 'val_loss', '.4f'), '-' if gpt else f(c, 'val_nelbo', '.4f'),
+            f(c, 'gen_ppl', '.2f'), f(c, 'entropy')])
+    data_entropy = mean_sd([c['data_entropy'] for c in table])[0]
+    notes = [
+        'mean ± standard deviation over seeds. "uniform NELBO": evaluate.py\'s uniform-masking bound on the '
+        'validation split for every diffusion run (the fair yardstick; its Monte Carlo 95% CI averages '
+        f"{statistics.fmean(c['nelbo_ci95_mean'] for c in table):.4f} nats); for block diffusion the same bound "
+        'within each block, the text before it as context; exact NLL for GPT.',
+        '"val_loss in training log": each run\'s own objective (its schedule, masking and weighting) at the '
+        'last evaluation; "val_nelbo in training log": the uniform bound estimated by the training loop.',
+        'gen PPL: samples scored by the seed-0 GPT baseline; read it next to the entropy '
+        + (f'(validation text: {data_entropy:.3f})' if data_entropy is not None else '') + '.',
+    ]
+    md = md_table(head, cells_md, notes)
+    atomic_write_text(md, os.path.join(out, 'study.md'))
+    scatter(table, out)
+    print(md)
+
+
+def scatter(table, out):
+    """gen PPL against sample entropy, one point per cell (matplotlib optional)."""
+    plt = pyplot(print)
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for c in table:
+        if c['gen_ppl'] is None:
+            continue
+        color = {'uniform': 'tab:blue', 'entropy': 'tab:orange'}.get(c['masking'], 'tab:gray')
+        ax.errorbar(c['entropy'], c['gen_ppl'], xerr=c['entropy_sd'], yerr=c['gen_ppl_sd'], fmt='o', color=color)
+        label = 'GPT' if c['objective'] == 'gpt' else (f"L={c['block_len']} " if c['block_len'] else '') + c['schedule']
+        ax.annotate(label, (c['entropy'], c['gen_ppl']), fontsize=7)
+    ax.set(xlabel='unigram entropy of samples (nats)', ylabel='generative perplexity (GPT seed 0)',
+           title='sample quality: blue uniform, orange entropy masking, grey GPT', yscale='log')
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'gen_ppl_vs_entropy.png'), dpi=110)
+    plt.close(fig)
 
 
 def run_compare(c, explicit, log=print):

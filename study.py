@@ -15,15 +15,14 @@ slurm_train.sh config/fineweb_124m.py` and point --runs_dir at those runs with -
 """
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 
-from diffusion import MASKINGS, SCHEDULES, Schedule, UserError, configure, run_cli
+import evaluate
+from diffusion import MASKINGS, SCHEDULES, UserError, configure, run_cli
 
 # -----------------------------------------------------------------------------
 runs_dir = 'out/study'          # one folder per run: diffusion-<schedule>-<masking>-s<seed>, gpt-s<seed>
@@ -92,105 +91,6 @@ def train_run(c, script, out_dir, extra):
     return dt
 
 
-def coverage(name):
-    """The range of mask rates [1 - alpha(0), 1 - alpha(1)] a schedule trains on; the NELBO as
-    trained is a bound on the likelihood only where this is [0, 1] (see README, The math)."""
-    s = Schedule(name)
-    a = s.alpha(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist()
-    return 1 - a[0], 1 - a[1]
-
-
-def mean_sd(values):
-    v = [x for x in values if x is not None]
-    if not v:
-        return None, None
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
-
-
-def summarise(dirs, out):
-    """Group the runs' eval.json by (objective, block length, schedule, masking): mean and spread over seeds."""
-    from evaluate import row_of
-    rows = []
-    for d in dirs:
-        with open(os.path.join(d, 'eval.json')) as f:
-            rows.append(row_of(json.load(f)))
-    cells = {}
-    for r in rows:
-        cells.setdefault((r['objective'], r.get('block_len') or 0, r['schedule'], r['masking']), []).append(r)
-    keys = ('nats', 'ppl', 'val_loss', 'val_nelbo', 'gen_ppl', 'entropy', 'data_entropy', 'mauve')
-    table = []
-    order = sorted(cells.items(), key=lambda kv: (kv[0][0] != 'gpt', kv[0][1] == 0, kv[0][1], kv[0][2], kv[0][3]))
-    for (obj, block_len, sched, mask), rs in order:   # GPT, block diffusion by block length, then MDLM
-        cell = {'objective': obj, 'block_len': block_len, 'schedule': sched, 'masking': mask, 'seeds': len(rs),
-                'runs': [r['run'] for r in rs]}
-        if obj == 'diffusion':
-            lo, hi = coverage(sched)
-            cell['mask_rates_trained'] = [lo, hi]
-            cell['bound_as_trained'] = mask == 'uniform' and lo < 1e-9 and hi > 0.999
-        for k in keys:
-            cell[k], cell[k + '_sd'] = mean_sd([r[k] for r in rs])
-        cell['nelbo_ci95_mean'] = statistics.fmean(r['ci95'] for r in rs)
-        table.append(cell)
-    with open(os.path.join(out, 'study.json'), 'w') as f:
-        json.dump({'cells': table, 'unit': rows[0]['bits_unit'] if rows else None}, f, indent=1)
-
-    def f(c, k, spec='.3f'):
-        return '-' if c[k] is None else f"{c[k]:{spec}} ± {c[k + '_sd']:{spec}}"
-    head = ['model', 'schedule', 'masking', 'mask rates trained', 'bound as trained?', 'seeds',
-            'uniform NELBO / NLL (nats/char)', 'PPL', 'val_loss in training log', 'val_nelbo in training log',
-            'gen PPL', 'sample entropy']
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for c in table:
-        gpt = c['objective'] == 'gpt'
-        lines.append('| ' + ' | '.join([
-            'GPT' if gpt else f"block diffusion L={c['block_len']}" if c['block_len'] else 'diffusion', c['schedule'],
-            c['masking'],
-            '-' if gpt else f"[{c['mask_rates_trained'][0]:.4f}, {c['mask_rates_trained'][1]:.4f}]",
-            'exact NLL' if gpt else ('yes' if c['bound_as_trained'] else 'no'), str(c['seeds']),
-            f(c, 'nats', '.4f'), f(c, 'ppl'), f(c, 'val_loss', '.4f'), '-' if gpt else f(c, 'val_nelbo', '.4f'),
-            f(c, 'gen_ppl', '.2f'), f(c, 'entropy')]) + ' |')
-    data_entropy = mean_sd([c['data_entropy'] for c in table])[0]
-    notes = [
-        'mean ± standard deviation over seeds. "uniform NELBO": evaluate.py\'s uniform-masking bound on the '
-        'validation split for every diffusion run (the fair yardstick; its Monte Carlo 95% CI averages '
-        f"{statistics.fmean(c['nelbo_ci95_mean'] for c in table):.4f} nats); for block diffusion the same bound "
-        'within each block, the text before it as context; exact NLL for GPT.',
-        '"val_loss in training log": each run\'s own objective (its schedule, masking and weighting) at the '
-        'last evaluation; "val_nelbo in training log": the uniform bound estimated by the training loop.',
-        'gen PPL: samples scored by the seed-0 GPT baseline; read it next to the entropy '
-        + (f'(validation text: {data_entropy:.3f})' if data_entropy is not None else '') + '.',
-    ]
-    md = '\n'.join(lines) + '\n\n' + '\n'.join('- ' + n for n in notes) + '\n'
-    with open(os.path.join(out, 'study.md'), 'w') as fh:
-        fh.write(md)
-    scatter(table, out)
-    print(md)
-
-
-def scatter(table, out):
-    """gen PPL against sample entropy, one point per cell (matplotlib optional)."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no gen-PPL plot: matplotlib is not installed (pip install matplotlib)")
-        return
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for c in table:
-        if c['gen_ppl'] is None:
-            continue
-        color = {'uniform': 'tab:blue', 'entropy': 'tab:orange'}.get(c['masking'], 'tab:gray')
-        ax.errorbar(c['entropy'], c['gen_ppl'], xerr=c['entropy_sd'], yerr=c['gen_ppl_sd'], fmt='o', color=color)
-        label = 'GPT' if c['objective'] == 'gpt' else (f"L={c['block_len']} " if c['block_len'] else '') + c['schedule']
-        ax.annotate(label, (c['entropy'], c['gen_ppl']), fontsize=7)
-    ax.set(xlabel='unigram entropy of samples (nats)', ylabel='generative perplexity (GPT seed 0)',
-           title='sample quality: blue uniform, orange entropy masking, grey GPT', yscale='log')
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, 'gen_ppl_vs_entropy.png'), dpi=110)
-    plt.close(fig)
-
-
 def main():
     c = configure(globals(), verbose=True)
     scheds = [s for s in c.schedules.split(',') if s]
@@ -242,7 +142,7 @@ def main():
                       [d for d in all_dirs if not evaluated(d)]))
     run(c, [sys.executable, 'evaluate.py', '--compare', *all_dirs, f'--report_dir={c.results_dir}', f'--device={c.device}',
          f'--ref={ref}', *c.eval_args.split()])
-    summarise(all_dirs, c.results_dir)
+    evaluate.summarise_cells(all_dirs, c.results_dir)
     total = time.time() - t_start
     if c.train:  # the time of a whole study (an evaluation-only rerun would overwrite it with its own)
         with open(os.path.join(c.results_dir, 'study_time.json'), 'w') as f:

@@ -322,3 +322,19 @@ def test_bad_input_is_one_line(tiny_runs, tmp_path):
     with pytest.raises(UserError, match='not a run folder'):
         ev.load_ref(str(tmp_path / 'nothing'), torch.device('cpu'), None)
     assert ev.fold_compare(['--compare', 'a', 'b', '--passes=3']) == ['--passes=3', '--compare=a,b']
+
+
+def test_study_cells_table(tiny_runs, tmp_path):
+    """study.py's table (evaluate.summarise_cells): one row per cell, mean and spread over seeds."""
+    runs = []
+    for name in ('gpt', 'diffusion'):
+        runs.append(str(tmp_path / name))
+        shutil.copytree(tiny_runs[name], runs[-1])
+        run_script('evaluate.py', f'--out_dir={runs[-1]}', '--device=cpu', '--max_tokens=512', '--passes=2',
+                   '--num_samples=2', '--sample_seeds=1', '--steps=4', '--curve_points=0', f'--ref={tiny_runs["gpt"]}')
+    ev.summarise_cells(runs, str(tmp_path))
+    md = (tmp_path / 'study.md').read_text()
+    cells = json.loads((tmp_path / 'study.json').read_text())['cells']
+    assert [c['objective'] for c in cells] == ['gpt', 'diffusion'] and all(c['seeds'] == 1 for c in cells)
+    assert md.count('\n| ') == 2 and md.startswith('| model |') and '| GPT |' in md and '| diffusion | linear | uniform |' in md
+    assert cells[1]['bound_as_trained'] and cells[1]['mask_rates_trained'] == [0.0, 1.0]
