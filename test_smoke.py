@@ -284,3 +284,17 @@ def test_corrupt_and_foreign_checkpoints_give_one_line_errors(tiny_runs, tmp_pat
     ckpt['model_args']['n_embd'] = 64
     with pytest.raises(D.UserError, match='do not match'):
         D.build_model(ckpt)
+
+
+# ---------------------------------------------------------------- block diffusion, end to end
+def test_block_model_trains_samples_and_evaluates(char_data, tmp_path):
+    """The smallest BD3-LM run through the scripts (tests/test_block.py checks the maths)."""
+    out = str(tmp_path / 'block')
+    run_script('diffusion.py', *TINY, f'--data_dir={char_data}', f'--out_dir={out}', '--max_iters=4',
+               '--eval_interval=4', '--block_len=8')
+    assert D.read_checkpoint(out)['model_args']['block_len'] == 8
+    r = run_script('sample.py', f'--out_dir={out}', '--device=cpu', '--max_new_tokens=16', '--steps=2')
+    assert 'block diffusion (block_len 8)' in r.stdout
+    r = run_script('evaluate.py', f'--out_dir={out}', '--device=cpu', '--max_tokens=512', '--passes=2',
+                   '--num_samples=0', '--curve_points=0')
+    assert 'block NELBO (BD3-LM, blocks of 8' in r.stdout
