@@ -1642,7 +1642,6 @@ def train(c, Objective, script):
     saved = [ckpt['step'] if ckpt else None]   # the step ckpt.pt holds
 
     def save(status):
-        saved[0] = step
         states = [rng_state()]
         if ddp:
             states = [None] * world
@@ -1651,6 +1650,7 @@ def train(c, Objective, script):
             save_checkpoint(ckpt_path, raw_model, optimizer, model_cfg, Objective.name, c, meta, script,
                             {'step': step, 'best_val': best_val, 'evaluated_at': evaluated_at}, states)
             write_status(out_dir, status, step, c.max_iters)
+        saved[0] = step
         if ddp:
             dist.barrier()
 
@@ -1753,6 +1753,10 @@ def train(c, Objective, script):
                     diverged(f"training loss {train_loss}")
                 log(rec)
                 t_last, steps_since, loss_acc = time.time(), 0, torch.zeros((), device=dev)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; say so, the checkpoint is the last save
+        if master:
+            write_status(out_dir, 'stopped', saved[0] if saved[0] is not None else 0, c.max_iters)
+        raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

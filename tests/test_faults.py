@@ -460,6 +460,7 @@ def test_second_ctrl_c_stops_at_once_and_loses_nothing(straight_run, tmp_path, w
                        check=False, capture_output=True, text=True, timeout=DEADLINE)
     assert one_line_error(r, 130) == 'error: interrupted (Ctrl-C)'
     assert D.read_checkpoint(out)['step'] == 50
+    assert json.load(open(os.path.join(out, 'status.json'))) == {'status': 'stopped', 'step': 50, 'max_iters': 200}
     assert len(temps(out)) == (where == 'save')
     resume_and_compare(args, out, straight_run)
 
