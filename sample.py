@@ -55,6 +55,7 @@ collide with the text. Masked tokens print as `_`.
 Every sample i of a batch draws its randomness from its own generator seeded with seed + i, so
 a batch of N equals N single runs with seeds seed..seed+N-1, and runs are deterministic.
 """
+import functools
 import hashlib
 import importlib.util
 import json
@@ -138,7 +139,10 @@ class Run:
     ckpt: dict
     script: object          # the script's module (diffusion.py, gpt.py or a copy of either)
     objective: object       # the script's objective built with the run's settings: .schedule etc.
-    tokenizer: Tokenizer
+
+    @functools.cached_property
+    def tokenizer(self):     # on first use: GPT-2 BPE needs tiktoken's files, which scoring does not
+        return Tokenizer(self.ckpt['meta'])
 
 
 def load_run(path, device='cpu', finite=True):
@@ -166,7 +170,7 @@ def load_run(path, device='cpu', finite=True):
                         f"({type(e).__name__}: {str(e)[:120]})") from None
     if finite and not all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point()):
         raise UserError(f"{path} holds non-finite weights (the run diverged); use the run's best.pt instead")
-    return Run(model, ckpt, mod, objective, Tokenizer(ckpt['meta']))
+    return Run(model, ckpt, mod, objective)
 
 
 def load_checkpoint(path, device='cpu'):
