@@ -234,8 +234,9 @@ requeue() {  # continue in a new job from out_dir/ckpt.pt
         log "not running under SLURM: run the same command again to resume from $out_dir"
         exit "$EXIT_RESUMABLE"
     fi
+    # said first: slurmctld may end this shell as soon as the requeue is accepted
+    log "requeueing job $SLURM_JOB_ID; its next run resumes from $out_dir/ckpt.pt"
     if scontrol requeue "$SLURM_JOB_ID"; then
-        log "requeued job $SLURM_JOB_ID; its next run resumes from $out_dir/ckpt.pt"
         exit 0
     fi
     # requeueing refused (e.g. submitted with --no-requeue): a new job with the main options of this one

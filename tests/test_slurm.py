@@ -169,7 +169,7 @@ def test_requeue_resume_exact(cluster, char_data, tmp_path):
     fields, log = state(), text()
     assert final == 'COMPLETED' and fields['ExitCode'] == '0:0', info()
     assert fields['Restarts'] == '1', fields
-    assert f'requeued job {job}' in log and 'SIGUSR1 passed to the training processes' in log
+    assert f'requeueing job {job}' in log and 'SIGUSR1 passed to the training processes' in log
     assert '(restart 1)' in log and f"starting at step {interrupted['step']}" in log  # resumed from ckpt
     assert "status 'finished'" in log
     with open(os.path.join(out, 'log.jsonl')) as f:
