@@ -9,6 +9,7 @@ a default out_dir (out/...) or data_dir (data) can never reach the repo's own ou
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,3 +68,16 @@ def tiny_runs(char_data, tmp_path_factory):
                    '--eval_interval=20')
         runs[name] = out
     return runs
+
+
+def wait_for(what, check, timeout, info=lambda: '', proc=None, poll=0.05):
+    """Poll check() until it returns something true (returned); fails after timeout seconds, or
+    at once when proc (a Popen) exits first. info() adds context to the failure message."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        assert proc is None or proc.poll() is None, f"the run exited {proc.returncode} before {what}\n{info()}"
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{info()}")

@@ -1039,14 +1039,21 @@ def generate_blocks(model, x, sampler, steps, gens, use_cache=True, **kw):
         if not (x[:, a:a + L] == mask_id).any():
             continue
         view.point(x, a)
-        step = 0
-        for step, xb, ch in sampler(view, x[:, a:a + L], steps, gens, **kw):
-            x = x.clone()
-            x[:, a:a + L] = xb
-            changed = torch.zeros_like(x, dtype=torch.bool)
-            changed[:, a:a + L] = ch
-            yield total + step, x, changed
-        total += step
+        done = total
+        for done, x, changed in in_window(sampler(view, x[:, a:a + L], steps, gens, **kw), x, a, total):
+            yield done, x, changed
+        total = done
+
+
+def in_window(frames, seq, a, total=0):
+    """A sampler's frames (step, window, changed) over seq[:, a:a + W], spliced back into (a copy
+    of) seq: yields (total + step, seq, changed over all of seq)."""
+    for step, xw, ch in frames:
+        seq = seq.clone()
+        seq[:, a:a + xw.size(1)] = xw
+        changed = torch.zeros_like(seq, dtype=torch.bool)
+        changed[:, a:a + xw.size(1)] = ch
+        yield total + step, seq, changed
 # -----------------------------------------------------------------------------
 # data: meta.json + uint16 token files (one or many shards per split) written by prepare.py
 

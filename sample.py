@@ -71,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffusion import (EXIT_USAGE, Schedule, Tokenizer, UserError, all_logits, at_least, atomic_write_text,
-                       block_len_of, configure, generate, generate_blocks, in_range, one_of, print0, read_checkpoint,
+                       block_len_of, configure, generate, generate_blocks, in_range, in_window, one_of, print0, read_checkpoint,
                        resolve_device, run_cli, sample_categorical, script_info, time_grid, uniform)
 
 # -----------------------------------------------------------------------------
@@ -429,20 +429,17 @@ def _diffusion_frames(model, prompt, max_new_tokens, gens, sampler, steps, tempe
         yield from generate_blocks(model, seq, fn, steps, gens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    **opts)
         return
-    total, step = 0, 0
+    total = 0
     while True:
         masked = (seq == cfg.mask_id).any(0).nonzero()  # every row has the same masked positions here
         if masked.numel() == 0:
             break
         a = window_start(seq.size(1), int(masked[0]), W, stride_)
-        for step, xw, ch in fn(model, seq[:, a:a + W], steps, gens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, **opts):
-            seq = seq.clone()
-            seq[:, a:a + W] = xw
-            changed = torch.zeros_like(seq, dtype=torch.bool)
-            changed[:, a:a + W] = ch
-            yield total + step, seq, changed
-        total += step
+        done = total
+        frames_w = fn(model, seq[:, a:a + W], steps, gens, temperature=temperature, top_k=top_k, top_p=top_p, **opts)
+        for done, seq, changed in in_window(frames_w, seq, a, total):
+            yield done, seq, changed
+        total = done
 
 
 def generate_tokens(model, objective, prompt, max_new_tokens, **kw):

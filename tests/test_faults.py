@@ -25,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -33,7 +32,7 @@ import torch
 
 import diffusion as D
 import sample
-from conftest import REPO, SHAKESPEARE, TINY, run_script
+from conftest import REPO, SHAKESPEARE, TINY, run_script, wait_for
 
 DEADLINE = 180  # seconds any wait on another process may take before the test fails (never reached when healthy)
 
@@ -78,17 +77,6 @@ def popen(script, *args, log):
     with open(log, 'w') as f:
         return subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args)], env=env,
                                 stdout=f, stderr=subprocess.STDOUT)
-
-
-def wait_for(condition, proc, what):
-    """Poll condition() until true; fails when proc exits first or after DEADLINE seconds."""
-    deadline = time.time() + DEADLINE
-    while time.time() < deadline:
-        if condition():
-            return
-        assert proc.poll() is None, f"the run exited {proc.returncode} before {what}"
-        time.sleep(0.01)
-    raise AssertionError(f"no {what} after {DEADLINE} s")
 
 
 def log_records(out_dir):
@@ -205,7 +193,7 @@ def test_second_run_on_a_busy_out_dir_exits_2_and_a_killed_runs_lock_never_block
                 return False
             with open(lock) as f:
                 return f.read().strip() == str(first.pid)
-        wait_for(holds_lock, first, f"pid {first.pid} in {lock}")
+        wait_for(f"pid {first.pid} in {lock}", holds_lock, DEADLINE, proc=first, poll=0.01)
         second = run_script('diffusion.py', *train_args(char_data, out, '--init_from=auto', '--max_iters=6'),
                             check=False, timeout=DEADLINE)
         line = one_line_error(second, D.EXIT_USAGE)
@@ -379,7 +367,7 @@ def interrupted_run(straight_args, out, log):
     args = [a for a in straight_args if not a.startswith('--out_dir=')] + [f'--out_dir={out}']
     proc = popen('diffusion.py', *args, log=log)
     try:
-        wait_for(trained_to(out, 5), proc, "step 5 in log.jsonl")
+        wait_for("step 5 in log.jsonl", trained_to(out, 5), DEADLINE, proc=proc, poll=0.01)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=DEADLINE)
     finally:

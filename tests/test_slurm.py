@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, wait_for
 from diffusion import SCHEDULES, read_checkpoint
 
 SBIN = os.pathsep.join([os.environ.get('PATH', ''), '/usr/sbin', '/sbin'])
@@ -93,16 +93,6 @@ def slurm(cluster, *cmd, **env):
 def job_fields(cluster, job):
     """`scontrol show job` as a dict: JobState, Restarts, ExitCode, ..."""
     return dict(re.findall(r'(\w+)=(\S*)', slurm(cluster, 'scontrol', 'show', 'job', '-o', str(job))))
-
-
-def wait_for(what, check, timeout, info=lambda: ''):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{info()}")
 
 
 def train_steps(out_dir):
