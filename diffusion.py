@@ -1567,7 +1567,9 @@ def shutdown_ddp(dist):
 
 
 def fmt_time(s):
-    return f"{s / 3600:.1f}h" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+    """Seconds as 4m05s or 2h07m (log lines' ETA; prepare.py and sample.py use it too)."""
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def train(c, Objective, script):

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from diffusion import EXIT_RESUMABLE, UserError, atomic_write_text, configure, gpt2_encoding, one_of, run_cli
+from diffusion import EXIT_RESUMABLE, UserError, atomic_write_text, configure, fmt_time, gpt2_encoding, one_of, run_cli
 
 # -----------------------------------------------------------------------------
 dataset = 'shakespeare_char'    # which dataset to prepare: shakespeare_char | shakespeare | fineweb_edu | tinystories | wikitext2
@@ -531,11 +531,6 @@ def first_line(e):
 
 def fmt_rate(r):
     return f"{r / 1e6:.2f}M" if r >= 1e6 else f"{r / 1e3:.1f}k" if r >= 1e3 else f"{r:.0f}"
-
-
-def fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 class ShardWriter:

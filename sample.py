@@ -71,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffusion import (EXIT_USAGE, Schedule, Tokenizer, UserError, all_logits, at_least, atomic_write_text,
-                       block_len_of, configure, generate, generate_blocks, in_range, in_window, one_of, print0, read_checkpoint,
+                       block_len_of, configure, fmt_time, generate, generate_blocks, in_range, in_window, one_of, print0, read_checkpoint,
                        resolve_device, run_cli, sample_categorical, script_info, time_grid, uniform)
 
 # -----------------------------------------------------------------------------
@@ -474,7 +474,7 @@ class Progress:
             return
         done = x.size(1) - self.n_prompt if self.objective == 'gpt' else int((x[0] != self.mask_id).sum()) - self.context
         eta = (self.n_new - done) * (now - self.t0) / max(done, 1)
-        print0(f"... {done}/{self.n_new} tokens in {now - self.t0:.0f} s, eta {eta:.0f} s", file=sys.stderr)
+        print0(f"... {done}/{self.n_new} tokens in {fmt_time(now - self.t0)}, eta {fmt_time(eta)}", file=sys.stderr)
         self.t_note = now
 
 
