@@ -1683,8 +1683,10 @@ def train(c, Objective, script):
     def stop_requested():
         """One process: the flag, no device sync. DDP: every rank agrees before anyone saves,
         through an all-reduce (a sync), so only at log steps."""
-        if not ddp or (step % c.log_interval and step < c.max_iters):
-            return stop['signal'] is not None if not ddp else False
+        if not ddp:
+            return stop['signal'] is not None
+        if step % c.log_interval and step < c.max_iters:
+            return False
         flag = torch.tensor([1.0 if stop['signal'] else 0.0], device=dev)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
