@@ -49,7 +49,7 @@ import torch.nn.functional as F
 out_dir = ''                    # run folder; '' = out/diffusion-<dataset>-<schedule>-<masking> (gpt.py: out/gpt-<dataset>)
 init_from = 'scratch'           # 'scratch' (refuses to overwrite a run) | 'resume' | 'auto' (resume if out_dir has ckpt.pt)
 eval_interval = 200             # steps between validation + checkpoint
-eval_iters = 20                 # validation batches per evaluation
+eval_iters = 20                 # validation batches per evaluation; 0 = the whole validation split, in order
 log_interval = 10               # steps between log lines
 sample_at_end = True            # print a sample when training finishes
 diverge_ratio = 3.0             # stop as diverged when val loss exceeds this multiple of the best so far (0 = off)
@@ -62,6 +62,7 @@ data_dir = 'data'               # where prepare.py writes datasets
 batch_size = 32                 # sequences per micro-step per process
 block_size = 128                # tokens per sequence
 gradient_accumulation_steps = 0 # micro-steps per optimizer step over all DDP processes; 0 = one per process
+train_tokens = 0                # train on the first N tokens of the train split only (data-constrained runs); 0 = all
 # model (see ModelConfig)
 n_layer = 4                     # transformer blocks
 n_head = 4                      # attention heads
@@ -786,6 +787,16 @@ def head_capacity(B, T, schedule, masking, t_min):
     return min(B * T, math.ceil(mean + 4 * math.sqrt(B * T / 4)))
 
 
+def batch_mean(values, sizes):
+    """(mean, standard error) of per-batch values (a list of 0-d tensors) weighted by their
+    sizes; the standard error from the batches' spread (nan for one batch). One sync, here."""
+    v = torch.stack(values).double().cpu()
+    w = torch.tensor(sizes, dtype=torch.float64)
+    w = w / w.sum()
+    mean, k = float((w * v).sum()), len(sizes)
+    return mean, float((w ** 2 * (v - mean) ** 2).sum() * k / (k - 1)) ** 0.5 if k > 1 else float('nan')
+
+
 class DiffusionObjective:
     """What makes this a diffusion LM; gpt.py's GPTObjective fills the same slots."""
     name = 'diffusion'
@@ -796,7 +807,7 @@ class DiffusionObjective:
         self.mask_id = meta['vocab_size']           # difference 1: the MASK token
         self.schedule = Schedule(c.schedule)
         self.uniform = Schedule('linear')
-        self._ent_weight, self._ready = None, False
+        self._ent_weight, self._ready, self._cv = None, False, None
         self.own_is_uniform = c.schedule == 'linear' and c.masking == 'uniform' and c.loss_weighting == 'nelbo'
         self.block_len = block_len_of(c.block_len, c.block_size)   # 0: MDLM; else BD3-LM block diffusion
         self.capacity = head_capacity(c.batch_size, c.block_size, self.schedule, c.masking, c.t_min)
@@ -811,17 +822,30 @@ class DiffusionObjective:
             self._ent_weight = entropy_weights(load_entropy(path, n), padded_vocab(n))
         return self._ent_weight.to(device)
 
-    def compute(self, model, x, t, u, own=True, capacity=None):
+    def compute(self, model, x, t, u, own=True, capacity=None, per_seq=False):
         """difference 3 and 4: the NELBO over masked positions, from clean tokens x (B, T), times t
         (B,) and mask uniforms u (B, T) on the device; own=False: the uniform-masking NELBO.
-        A block model: t (B * T / block_len,) one per block, and block_nelbo_terms."""
+        A block model: t (B * T / block_len,) one per block, and block_nelbo_terms.
+        per_seq: each sequence's value (B,) instead of their mean."""
         if self.block_len:
-            return block_nelbo_terms(model, x, t, u, self.schedule if own else self.uniform, self.mask_id,
-                                     self.block_len, self.c.t_min, self.c.masking if own else 'uniform',
-                                     self.c.loss_weighting if own else 'nelbo', self, capacity or self.capacity)[0]
-        return nelbo_terms(model, x, t, u, self.schedule if own else self.uniform, self.mask_id, self.c.t_min,
-                           self.c.masking if own else 'uniform', self.c.loss_weighting if own else 'nelbo', self,
-                           capacity or self.capacity)[0]
+            out = block_nelbo_terms(model, x, t, u, self.schedule if own else self.uniform, self.mask_id,
+                                    self.block_len, self.c.t_min, self.c.masking if own else 'uniform',
+                                    self.c.loss_weighting if own else 'nelbo', self, capacity or self.capacity)
+        else:
+            out = nelbo_terms(model, x, t, u, self.schedule if own else self.uniform, self.mask_id, self.c.t_min,
+                              self.c.masking if own else 'uniform', self.c.loss_weighting if own else 'nelbo', self,
+                              capacity or self.capacity)
+        return out[1] if per_seq else out[0]
+
+    def control_variate(self, t, u):
+        """(B,) per sequence: (1 - t_min) x sum over its times of w(t) x (tokens masked at t) / T,
+        minus (1 - t_min), under uniform masking with the linear schedule (w(t) = 1/t). Its mean is
+        exactly 0 (E[tokens masked] = t x tokens), and it carries the noise of how many tokens
+        happened to be masked, which dominates the NELBO estimate at small t."""
+        B, T = u.shape
+        t = t.view(B, -1)                                               # (B, 1) or (B, blocks)
+        masked = (u.view(B, t.size(1), -1) < (1 - self.uniform.alpha(t))[..., None]).sum(-1)   # (B, 1 or blocks)
+        return (1 - self.c.t_min) * (self.uniform.weight(t) * masked).sum(1) / T - (1 - self.c.t_min)
 
     def draws(self, x, key, micro=0, micros=1):
         """(t (B,), u (B, T)) on x's device, keyed by (seed, *key, micro): micro-batch `micro` of
@@ -854,16 +878,37 @@ class DiffusionObjective:
     @torch.no_grad()
     def evaluate(self, model, batches):
         """val_loss: the training objective (own schedule and masking) on validation data.
-        val_nelbo: the uniform-masking NELBO, the same yardstick for every diffusion model."""
-        own, fair = [], []
+        val_nelbo: the uniform-masking NELBO, the same yardstick for every diffusion model, with
+        stratified times and the control variate above (evaluate.py's continuous estimator): each
+        sequence counts f - beta c, beta = cov(f, c) / var(c) fitted on the sequences of earlier
+        batches and evaluations only, so it never depends on the draws it corrects (unbiased).
+        val_nelbo_se: its standard error, from the spread of the batches' values: for random batches
+        the error against the whole split's value; for the whole split in order (eval_iters=0) an
+        upper bound on the Monte Carlo error, since the spread also counts how the batches' texts differ."""
+        own, fair, sizes = [], [], []
+        dev = next(model.parameters()).device
+
+        def fit(x, key):   # the uniform NELBO per sequence f (B,), its control variate c (B,); add to the fit
+            t, u = self.draws(x, key)
+            f = self.compute(model, x, t, u, own=False, capacity=x.numel(), per_seq=True).double()   # head everywhere
+            c = self.control_variate(t, u)
+            n, sf, sc, sfc, scc = self._cv
+            var = scc - sc * sc / n.clamp(min=1)
+            beta = torch.where(var > 0, (sfc - sf * sc / n.clamp(min=1)) / var.clamp(min=1e-30), 0.0)   # before
+            self._cv += torch.stack([torch.ones((), dtype=torch.float64, device=dev) * len(f), f.sum(), c.sum(),
+                                     (f * c).sum(), (c * c).sum()])
+            return t, u, f, (f - beta * c).mean()
         for i, window in enumerate(batches):
             x = window[:, :-1]
-            t, u = self.draws(x, ('val', i))
-            own.append(self.compute(model, x, t, u, capacity=x.numel()))   # the head everywhere: exact
-            if not self.own_is_uniform:  # else the same draws would give the same number again
-                fair.append(self.compute(model, x, t, u, own=False, capacity=x.numel()))
-        fair = fair or own
-        return {'val_loss': torch.stack(own).mean().item(), 'val_nelbo': torch.stack(fair).mean().item()}
+            if self._cv is None:   # running sums n, f, c, fc, cc; a first pilot pass (its own draws) starts them
+                self._cv = torch.zeros(5, dtype=torch.float64, device=dev)
+                fit(x, ('val', 'pilot'))
+            t, u, f, value = fit(x, ('val', i))
+            fair.append(value)
+            own.append((f.mean() if self.own_is_uniform else self.compute(model, x, t, u, capacity=x.numel())).double())
+            sizes.append(len(x))
+        nelbo, se = batch_mean(fair, sizes)
+        return {'val_loss': batch_mean(own, sizes)[0], 'val_nelbo': nelbo, 'val_nelbo_se': se}
 
     def sample(self, model, tokenizer, n=None, seed=1337, steps=64):
         """difference 5: generation by iterative unmasking; one sample of n tokens as text. A block
@@ -916,7 +961,8 @@ def time_grid(steps):
 
 
 @torch.no_grad()
-def generate(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top_p=1.0, cache=True, **_):
+def generate(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top_p=1.0, cache=True, final_fill='sample',
+             **_):
     """MDLM ancestral sampling of the MASK positions of x (B, W), t from 1 to 0 in `steps`
     uniform steps of `schedule` (a Schedule: its alpha is the one used). From t to s < t each
     masked token is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) (MDLM eq. 7
@@ -924,7 +970,8 @@ def generate(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top_p=1.
     Deciding reveal first, then the token, is the same categorical over V + 1 outcomes as MDLM's
     single draw. gens: one generator per row. cache=True reuses the last logits of a row whose
     tokens did not change (the model is time-agnostic: MDLM sec. 4.2): identical output, fewer
-    passes. Yields (step, x, changed)."""
+    passes. A schedule with alpha(0) < 1 leaves masks at t = 0: fill_final fills them (final_fill).
+    Yields (step, x, changed)."""
     mask_id = model.cfg.mask_id
     alphas = schedule.alpha(time_grid(steps)).tolist()                  # alpha(t_k), k = 0..steps
     x = x.clone()
@@ -959,10 +1006,24 @@ def generate(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top_p=1.
         x = new
         yield step, x, changed
     masked = x == mask_id
-    if masked.any():  # alpha(0) < 1 (e.g. clipped_cosine) leaves masks at t = 0: fill them greedily
+    if masked.any():
         refresh()
-        x = torch.where(masked, logits.argmax(-1), x)
+        x = fill_final(x, logits, masked, gens, final_fill, temperature, top_k, top_p)
         yield step + 1, x, masked
+
+
+def fill_final(x, logits, masked, gens, final_fill='sample', temperature=1.0, top_k=0, top_p=1.0):
+    """The positions still masked at t = 0 (a schedule with alpha(0) < 1 leaves a fraction
+    (1 - alpha(0)) / (1 - alpha(1)) of them: 5% for clipped_cosine) filled from logits (B, W, V):
+    'sample' draws them like every other step (temperature, top-k, top-p), so every schedule is
+    sampled alike; 'argmax' takes the most likely token (greedy; lowers a judge's perplexity)."""
+    if final_fill == 'argmax':
+        return torch.where(masked, logits.argmax(-1), x)
+    x = x.clone()
+    for i, gen in enumerate(gens):
+        pos = masked[i].nonzero().squeeze(1)
+        x[i, pos] = sample_categorical(logits[i, pos], gen, temperature, top_k, top_p)
+    return x
 
 
 class BlockContext:
@@ -1158,8 +1219,9 @@ def check_same_data(meta, ckpt_meta, where):
 
 class TokenData:
     """One split of a dataset: uint16 shards listed in meta.json, memmapped and size-checked.
-    Batches are random windows, a pure function of the generator passed in."""
-    def __init__(self, data_dir, dataset, split, meta=None):
+    Batches are random windows, a pure function of the generator passed in. limit > 0: only the
+    first `limit` tokens of the split (a data-constrained run repeats them epoch after epoch)."""
+    def __init__(self, data_dir, dataset, split, meta=None, limit=0):
         self.meta = meta or load_meta(data_dir, dataset)
         again = f"; rerun python prepare.py --dataset={dataset}"
         info = self.meta['splits'].get(split)
@@ -1175,6 +1237,12 @@ class TokenData:
             if os.path.getsize(path) != n * self.dtype.itemsize:
                 raise UserError(f"{path} holds {os.path.getsize(path) // self.dtype.itemsize} tokens but "
                                 f"meta.json says {n}{again}")
+        if limit:
+            if limit > sum(self.sizes):
+                raise UserError(f"--train_tokens={limit} is more than the {sum(self.sizes):,} tokens of the {split} split")
+            ends = np.cumsum([0] + self.sizes)
+            self.sizes = [int(min(n, max(limit - e, 0))) for n, e in zip(self.sizes, ends)]
+        self.tokens = sum(self.sizes)
 
     def batch(self, batch_size, length, gen):
         """(batch_size, length) int64 windows: a shard chosen in proportion to its windows, then
@@ -1194,6 +1262,16 @@ class TokenData:
             raise UserError(f"{self.paths[s]} holds token id {int(out.max())}, outside the vocabulary of "
                             f"{self.vocab}; rerun python prepare.py --dataset={self.meta.get('dataset')}")
         return out
+
+    def windows(self, batch_size, length):
+        """Every whole window of `length` tokens of the split in order, each starting at the last
+        token of the one before (so each token is in some window's first length - 1, the part
+        diffusion sees, and GPT predicts each token once), as (<= batch_size, length) batches."""
+        for path, n in zip(self.paths, self.sizes):
+            data = np.memmap(path, dtype=self.dtype, mode='r')
+            starts = range(0, n - length + 1, length - 1)    # windows overlap by GPT's target token
+            for i in range(0, len(starts), batch_size):
+                yield torch.from_numpy(np.stack([data[o:o + length] for o in starts[i:i + batch_size]]).astype(np.int64))
 
 
 def fingerprint(data_dir, dataset, meta):
@@ -1385,7 +1463,7 @@ def autocast_for(dev, dtype):
 
 
 RULES = {  # what each setting must be: (test, text); configure() checks the values given
-    'init_from': one_of(('scratch', 'resume', 'auto')), 'eval_interval': at_least(1), 'eval_iters': at_least(1),
+    'init_from': one_of(('scratch', 'resume', 'auto')), 'eval_interval': at_least(1), 'eval_iters': at_least(0),
     'log_interval': at_least(1), 'diverge_ratio': at_least(0.0), 'batch_size': at_least(1),
     'block_size': at_least(2), 'gradient_accumulation_steps': at_least(0), 'n_layer': at_least(1),
     'n_head': at_least(1), 'n_embd': at_least(2), 'mlp': one_of(MLPS), 'dropout': in_range(0, 1, hi_open=True),
@@ -1394,7 +1472,7 @@ RULES = {  # what each setting must be: (test, text); configure() checks the val
     'warmup_iters': at_least(0), 'lr_decay_iters': at_least(0, optional=True), 'min_lr': at_least(0.0, optional=True),
     'weight_decay': at_least(0.0), 'beta1': in_range(0, 1, hi_open=True), 'beta2': in_range(0, 1, hi_open=True),
     'grad_clip': at_least(0.0), 'dtype': one_of(('auto', 'float32', 'bfloat16')),
-    'backend': one_of(('auto', 'nccl', 'gloo')), 'block_len': at_least(0),
+    'backend': one_of(('auto', 'nccl', 'gloo')), 'block_len': at_least(0), 'train_tokens': at_least(0),
 }
 
 
@@ -1607,7 +1685,7 @@ def train(c, Objective, script):
 
     # ---- data, model, objective, optimizer ----
     meta = load_meta(c.data_dir, c.dataset)
-    train_data = TokenData(c.data_dir, c.dataset, 'train', meta)
+    train_data = TokenData(c.data_dir, c.dataset, 'train', meta, limit=c.train_tokens)
     val_data = TokenData(c.data_dir, c.dataset, 'val', meta)
     meta = dict(meta, fingerprint=fingerprint(c.data_dir, c.dataset, meta))
     if ckpt is not None:
@@ -1694,16 +1772,27 @@ def train(c, Objective, script):
     # ---- the loop ----
     model.train()
     t_last, steps_since, loss_acc = time.time(), 0, torch.zeros((), device=dev)
+    warned_se = False
     try:
         while True:
             if (step % c.eval_interval == 0 or step >= c.max_iters) and evaluated_at != step:
                 model.eval()
+                t_eval = time.time()
+                windows = (val_data.windows(c.batch_size, c.block_size + 1) if c.eval_iters == 0 else
+                           (val_data.batch(c.batch_size, c.block_size + 1, rng(c.seed, 'val', i)) for i in range(c.eval_iters)))
                 with autocast:
-                    metrics = objective.evaluate(raw_model, (val_data.batch(c.batch_size, c.block_size + 1,
-                                                             rng(c.seed, 'val', i)).to(dev) for i in range(c.eval_iters)))
+                    metrics = objective.evaluate(raw_model, (w.to(dev) for w in windows))
                 model.train()
-                val = metrics.get('val_nelbo', metrics['val_loss'])
-                print0(f"step {step}: " + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+                key = 'val_nelbo' if 'val_nelbo' in metrics else 'val_loss'
+                val, se = metrics[key], metrics.get(key + '_se', math.nan)
+                metrics['epoch'] = step * tokens_per_step / train_data.tokens
+                print0(f"step {step} (epoch {metrics['epoch']:.2f}): " + ', '.join(
+                    f'{k} {v:.4f}' + (f' (se {metrics[k + "_se"]:.4f})' if k + '_se' in metrics else '')
+                    for k, v in metrics.items() if not k.endswith('_se') and k != 'epoch'))
+                if se > 0.01 * val and not warned_se:
+                    print0(f"warning: the standard error of {key} is {100 * se / val:.1f}% of it; raise --eval_iters "
+                           "(0 = the whole validation split) for a steadier value")
+                    warned_se = True
                 if not math.isfinite(val) or not finite_weights(raw_model):
                     diverged(f"validation loss {val}" if not math.isfinite(val) else "non-finite weights")
                 if c.diverge_ratio and val > c.diverge_ratio * best_val:
@@ -1714,7 +1803,7 @@ def train(c, Objective, script):
                 save('finished' if step >= c.max_iters else 'running')
                 if improved and master:
                     keep_best(ckpt_path)
-                t_last = time.time()
+                t_last += time.time() - t_eval   # ms/step counts training steps only
             if stop_requested():
                 if not finite_weights(raw_model):  # never save what diverged since the last evaluation
                     diverged("non-finite weights")

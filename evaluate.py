@@ -96,7 +96,7 @@ recompute = False               # --compare: evaluate again even when a run's ev
 device = 'auto'                 # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = 'auto'                  # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere) | 'float32' | 'bfloat16'
 seed = 1337                     # every random draw of the evaluation is keyed by this
-# and sample.py's sampler options (threshold, remask_score, remdm_mode, remdm_eta, stride): same names,
+# and sample.py's sampler options (threshold, remask_score, remdm_mode, remdm_eta, stride, final_fill): same names,
 # defaults and meaning as there (the schedule is the checkpoint's)
 # -----------------------------------------------------------------------------
 
@@ -113,17 +113,45 @@ GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'distilgpt2')
 # statistics
 
 
+def incomplete_beta(a, b, x):
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (modified
+    Lentz; Press et al., Numerical Recipes, sec. 6.4), to double precision."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side only
+        return 1 - incomplete_beta(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        num = 1.0 if i == 0 else (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)) if i % 2 == 0 else
+                                  -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)))
+        d = 1 + num * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1 - c * d) < 1e-15:
+            break
+    return front * (f - 1)
+
+
 def t975(df):
-    """97.5% quantile of Student's t with df degrees of freedom (Cornish-Fisher expansion,
-    Abramowitz & Stegun 26.7.5; error < 0.1% for df >= 3)."""
-    z = Z975
+    """97.5% quantile of Student's t with df (any real > 0) degrees of freedom, exact: the t
+    with P(T > t) = 0.025 = I_{df / (df + t^2)}(df / 2, 1 / 2) / 2, by bisection (12.706 at df 1,
+    4.303 at df 2, 1.960 as df -> infinity)."""
     if not math.isfinite(df):
-        return z
-    df = max(df, 1.0)
-    g = [(z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
-         (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
-         (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160]
-    return z + sum(gi / df ** (i + 1) for i, gi in enumerate(g))
+        return Z975
+    df = max(df, 1e-3)
+    lo, hi = Z975, 4.0
+    while incomplete_beta(df / 2, 0.5, df / (df + hi * hi)) > 0.05:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if incomplete_beta(df / 2, 0.5, df / (df + mid * mid)) > 0.05 else (lo, mid)
+        if hi - lo < 1e-12 * hi:
+            break
+    return (lo + hi) / 2
 
 
 def combine(est, tokens):
@@ -142,6 +170,14 @@ def combine(est, tokens):
     var = float(a.sum())
     df = var ** 2 / float((a ** 2).sum() / (P - 1)) if var > 0 else math.inf
     return mean, math.sqrt(var), df
+
+
+def sample_ppl_ci(nats):
+    """Perplexity exp(mean) of per-sample mean NLLs (equal lengths) with its 95% CI, Student's t
+    over the samples: {'ppl', 'lo', 'hi', 'rel_ci95' (half-width / ppl, on the log scale), 'n'}."""
+    n, m = len(nats), float(np.mean(nats))
+    h = t975(n - 1) * float(np.std(nats, ddof=1)) / math.sqrt(n) if n > 1 else math.inf
+    return {'ppl': math.exp(m), 'lo': math.exp(m - h), 'hi': math.exp(m + h), 'rel_ci95': math.expm1(h), 'n': n}
 
 
 def summarize(est, tokens, seconds, estimator, char):
@@ -615,6 +651,7 @@ def sample_quality(model, objective, meta, data, ref, c, schedule=None):
             for key, seqs in (('samples', toks.tolist()), ('data', refs.tolist())):
                 nll, cnt, feats[key] = ref.score(ref.to_ids(seqs, tok, meta))
                 rec[key]['gen_ppl'] = math.exp(nll.sum() / cnt.sum())
+                rec[key]['nats_per_sample'] = (nll / cnt).tolist()   # per token, each sample's
             if want_mauve:
                 rec['mauve'] = mauve_score(feats['samples'], feats['data'], sd)
         if s == 0:
@@ -630,8 +667,12 @@ def sample_quality(model, objective, meta, data, ref, c, schedule=None):
             res['notes'].append(f"MAUVE from {c.num_samples} samples per seed is a rough figure (k-means on so few "
                                 "points; Pillutla et al. use thousands): raise --num_samples for a firm one")
     for k, v in figures.items():
+        if k.endswith('nats_per_sample'):
+            continue
         res['mean'][k] = float(np.mean(v))
         res['sd'][k] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    if ref is not None:  # gen PPL's 95% CI over all the samples (each sample one draw of the sampler)
+        res['gen_ppl_ci'] = sample_ppl_ci([x for r in seeds for x in r['samples']['nats_per_sample']])
     if objective == 'diffusion':  # per reverse step, averaged over seeds (frames per run may differ)
         for key in ('change_rate_per_step', 'revision_rate_per_step'):
             runs = [r[key] for r in seeds]
@@ -668,13 +709,15 @@ def training_log(run_dir):
     out = {'train': [], 'val': []}
     for rec in read_log(os.path.join(run_dir, 'log.jsonl'), warn=False):
         if 'val_loss' in rec:
-            out['val'].append({k: rec[k] for k in ('step', 'val_loss', 'val_nelbo') if k in rec})
+            out['val'].append({k: rec[k] for k in ('step', 'epoch', 'val_loss', 'val_nelbo', 'val_loss_se', 'val_nelbo_se')
+                               if k in rec})
         elif 'loss' in rec and 'event' not in rec:
             out['train'].append({'step': rec['step'], 'loss': rec['loss']})
     if out['val']:
         last = out['val'][-1]
         out['last_val_loss'] = last.get('val_loss')
         out['last_val_nelbo'] = last.get('val_nelbo')
+        out['last_val_nelbo_se'] = last.get('val_nelbo_se')
         out['last_val_step'] = last.get('step')
     return out
 
@@ -903,9 +946,13 @@ def row_of(res):
             'discrete_ppl': lik['discrete']['ppl'] if 'discrete' in lik else None,
             'wikitext2_ppl': wt[wt['headline']]['ppl'] if wt else None,
             'gen_ppl': m.get('samples_gen_ppl'), 'gen_ppl_sd': sd.get('samples_gen_ppl'),
+            'gen_ppl_rel_ci95': (s.get('gen_ppl_ci') or {}).get('rel_ci95'),
+            'gen_nats': [x for r in s.get('per_seed', []) for x in r['samples'].get('nats_per_sample', [])],
+            'final_fill': (res.get('settings') or {}).get('final_fill'),
             'entropy': m.get('samples_entropy'), 'data_entropy': m.get('data_entropy'),
             'mauve': m.get('mauve'), 'mauve_sd': sd.get('mauve'), 'reference': s.get('reference'),
-            'val_loss': tr.get('last_val_loss'), 'val_nelbo': tr.get('last_val_nelbo')}
+            'val_loss': tr.get('last_val_loss'), 'val_nelbo': tr.get('last_val_nelbo'),
+            'val_nelbo_se': tr.get('last_val_nelbo_se')}
 
 
 def fmt(v, spec='.3f', sd=None):
@@ -1021,8 +1068,19 @@ def mean_sd(values):
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
+def seed_ci(values):
+    """(mean, half-width of its 95% CI over seeds by Student's t with n - 1 df); CI None for one value."""
+    mean, sd = mean_sd(values)
+    n = sum(x is not None for x in values)
+    return mean, (t975(n - 1) * sd / math.sqrt(n) if n > 1 else None)
+
+
+CELL_KEYS = ('nats', 'ppl', 'val_loss', 'val_nelbo', 'gen_ppl', 'entropy', 'data_entropy', 'mauve')
+
+
 def summarise_cells(dirs, out):
-    """study.py's table (study.md, study.json) and gen_ppl_vs_entropy.png. Group the runs' eval.json by (objective, block length, schedule, masking): mean and spread over seeds."""
+    """study.py's table (study.md, study.json) and its plots (cells.png, cell_curves.png): the runs'
+    eval.json grouped by (objective, block length, schedule, masking), mean and 95% CI over seeds."""
     rows = []
     for d in dirs:
         with open(os.path.join(d, 'eval.json')) as f:
@@ -1030,71 +1088,146 @@ def summarise_cells(dirs, out):
     cells = {}
     for r in rows:
         cells.setdefault((r['objective'], r.get('block_len') or 0, r['schedule'], r['masking']), []).append(r)
-    keys = ('nats', 'ppl', 'val_loss', 'val_nelbo', 'gen_ppl', 'entropy', 'data_entropy', 'mauve')
     table = []
     order = sorted(cells.items(), key=lambda kv: (kv[0][0] != 'gpt', kv[0][1] == 0, kv[0][1], kv[0][2], kv[0][3]))
     for (obj, block_len, sched, mask), rs in order:   # GPT, block diffusion by block length, then MDLM
         cell = {'objective': obj, 'block_len': block_len, 'schedule': sched, 'masking': mask, 'seeds': len(rs),
-                'runs': [r['run'] for r in rs]}
+                'runs': [r['run'] for r in rs], 'paths': [r['path'] for r in rs]}
         if obj == 'diffusion':
             lo, hi = coverage(sched)
             cell['mask_rates_trained'] = [lo, hi]
-            cell['bound_as_trained'] = mask == 'uniform' and lo < 1e-9 and hi > 0.999
-        for k in keys:
-            cell[k], cell[k + '_sd'] = mean_sd([r[k] for r in rs])
+            cell['bound_as_trained'] = mask == 'uniform' and lo < 1e-9 and hi > 0.999 and not block_len
+        for k in CELL_KEYS:
+            cell[k], cell[k + '_ci95'] = seed_ci([r[k] for r in rs])
+            cell[k + '_sd'] = mean_sd([r[k] for r in rs])[1]
         cell['nelbo_ci95_mean'] = statistics.fmean(r['ci95'] for r in rs)
+        nats = [x for r in rs for x in r['gen_nats']]
+        cell['gen_ppl_pooled'] = sample_ppl_ci(nats) if nats else None   # all the cell's samples: sampling error only
+        cell['final_fill'] = sorted({str(r['final_fill']) for r in rs})
         table.append(cell)
     write_json({'cells': table, 'unit': rows[0]['bits_unit'] if rows else None}, os.path.join(out, 'study.json'))
 
     def f(c, k, spec='.3f'):
-        return '-' if c[k] is None else f"{c[k]:{spec}} ± {c[k + '_sd']:{spec}}"
+        return '-' if c[k] is None else f"{c[k]:{spec}}" + (f" ± {c[k + '_ci95']:{spec}}" if c[k + '_ci95'] is not None else '')
     head = ['model', 'schedule', 'masking', 'mask rates trained', 'bound as trained?', 'seeds',
             'uniform NELBO / NLL (nats/char)', 'PPL', 'val_loss in training log', 'val_nelbo in training log',
-            'gen PPL', 'sample entropy']
+            'gen PPL', 'gen PPL, all samples [95% CI]', 'sample entropy']
     cells_md = []
     for c in table:
         gpt = c['objective'] == 'gpt'
+        pooled = c['gen_ppl_pooled']
         cells_md.append([
             'GPT' if gpt else f"block diffusion L={c['block_len']}" if c['block_len'] else 'diffusion', c['schedule'],
             c['masking'],
             '-' if gpt else f"[{c['mask_rates_trained'][0]:.4f}, {c['mask_rates_trained'][1]:.4f}]",
             'exact NLL' if gpt else ('yes' if c['bound_as_trained'] else 'no'), str(c['seeds']),
             f(c, 'nats', '.4f'), f(c, 'ppl'), f(c, 'val_loss', '.4f'), '-' if gpt else f(c, 'val_nelbo', '.4f'),
-            f(c, 'gen_ppl', '.2f'), f(c, 'entropy')])
+            f(c, 'gen_ppl', '.2f'),
+            '-' if not pooled else f"{pooled['ppl']:.2f} [{pooled['lo']:.2f}, {pooled['hi']:.2f}] "
+                                   f"(±{100 * pooled['rel_ci95']:.1f}%)",
+            f(c, 'entropy')])
     data_entropy = mean_sd([c['data_entropy'] for c in table])[0]
+    fills = sorted({x for c in table if c['objective'] != 'gpt' for x in c['final_fill']})
+    rel_se = sorted(r['val_nelbo_se'] / r['val_nelbo'] for r in rows if r.get('val_nelbo_se') and r['val_nelbo'])
+    n_samples = [pooled['n'] for c in table if (pooled := c['gen_ppl_pooled'])]
     notes = [
-        'mean ± standard deviation over seeds. "uniform NELBO": evaluate.py\'s uniform-masking bound on the '
+        'mean ± half-width of the 95% CI over seeds (Student\'s t with seeds - 1 degrees of freedom: 4.30 x sd / '
+        'sqrt(3) for 3 seeds). "uniform NELBO": evaluate.py\'s uniform-masking bound on the '
         'validation split for every diffusion run (the fair yardstick; its Monte Carlo 95% CI averages '
         f"{statistics.fmean(c['nelbo_ci95_mean'] for c in table):.4f} nats); for block diffusion the same bound "
         'within each block, the text before it as context; exact NLL for GPT.',
         '"val_loss in training log": each run\'s own objective (its schedule, masking and weighting) at the '
-        'last evaluation; "val_nelbo in training log": the uniform bound estimated by the training loop.',
-        'gen PPL: samples scored by the seed-0 GPT baseline; read it next to the entropy '
-        + (f'(validation text: {data_entropy:.3f})' if data_entropy is not None else '') + '.',
+        'last evaluation; "val_nelbo in training log": the uniform bound estimated by the training loop '
+        '(stratified times, control variate)' + (
+            f"; its standard error per run: median {100 * rel_se[len(rel_se) // 2]:.2f}% of the value, "
+            f"{100 * rel_se[0]:.2f}-{100 * rel_se[-1]:.2f}%, and a cell's mean over {table[-1]['seeds']} seeds "
+            f"about 1/sqrt({table[-1]['seeds']}) of that" if rel_se else '') + '.',
+        'gen PPL: samples of block_size tokens scored by the seed-0 GPT baseline; read it next to the entropy '
+        + (f'(validation text: {data_entropy:.3f})' if data_entropy is not None else '') + '. "all samples": the '
+        f"cell's {min(n_samples, default=0)}+ samples pooled, so its CI is sampling error only (the seeds' "
+        'spread is in the column before). Masks left at t = 0 by schedules with alpha(0) < 1 were filled by: '
+        f"{', '.join(fills) or '-'} (sample.py --final_fill).",
     ]
     md = md_table(head, cells_md, notes)
     atomic_write_text(md, os.path.join(out, 'study.md'))
-    scatter(table, out)
+    cell_plots(table, out)
     print(md)
 
 
-def scatter(table, out):
-    """gen PPL against sample entropy, one point per cell (matplotlib optional)."""
+def cell_plots(table, out):
+    """cells.png: the uniform NELBO and gen PPL of every cell, a point and its 95% CI over seeds,
+    grouped by schedule, uniform and entropy masking side by side, GPT a reference line; and
+    cell_curves.png: val_nelbo (GPT: val_loss) during training, mean and 95% band per cell."""
     plt = pyplot(print)
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for c in table:
-        if c['gen_ppl'] is None:
-            continue
-        color = {'uniform': 'tab:blue', 'entropy': 'tab:orange'}.get(c['masking'], 'tab:gray')
-        ax.errorbar(c['entropy'], c['gen_ppl'], xerr=c['entropy_sd'], yerr=c['gen_ppl_sd'], fmt='o', color=color)
-        label = 'GPT' if c['objective'] == 'gpt' else (f"L={c['block_len']} " if c['block_len'] else '') + c['schedule']
-        ax.annotate(label, (c['entropy'], c['gen_ppl']), fontsize=7)
-    ax.set(xlabel='unigram entropy of samples (nats)', ylabel='generative perplexity (GPT seed 0)',
-           title='sample quality: blue uniform, orange entropy masking, grey GPT', yscale='log')
+    diff = [c for c in table if c['objective'] != 'gpt']
+    gpt = next((c for c in table if c['objective'] == 'gpt'), None)
+    groups = []                                                         # x tick labels in order
+    for c in diff:
+        g = f"block L={c['block_len']}\n{c['schedule']}" if c['block_len'] else c['schedule']
+        if g not in groups:
+            groups.append(g)
+    colors = {'uniform': 'tab:blue', 'entropy': 'tab:orange'}
+    fig, axes = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
+    for ax, key, title in ((axes[0], 'nats', 'uniform-masking NELBO on validation (nats/char)'),
+                           (axes[1], 'gen_ppl', 'generative perplexity of samples (GPT seed-0 judge)')):
+        for c in diff:
+            if c[key] is None:
+                continue
+            g = f"block L={c['block_len']}\n{c['schedule']}" if c['block_len'] else c['schedule']
+            x = groups.index(g) + {'uniform': -0.12, 'entropy': 0.12}.get(c['masking'], 0)
+            ax.errorbar(x, c[key], yerr=c[key + '_ci95'] or 0, fmt='o', capsize=4, color=colors.get(c['masking'], 'gray'),
+                        label=f"{c['masking']} masking")
+        if gpt and gpt[key] is not None:
+            ax.axhline(gpt[key], color='black', ls='--', lw=1, label=f"GPT {gpt[key]:.3g} ({'exact NLL' if key == 'nats' else 'its own samples'})")
+            if gpt[key + '_ci95']:
+                ax.axhspan(gpt[key] - gpt[key + '_ci95'], gpt[key] + gpt[key + '_ci95'], color='black', alpha=0.08, lw=0)
+        handles, labels = ax.get_legend_handles_labels()
+        keep = dict(zip(labels, handles))
+        ax.legend(keep.values(), keep.keys(), loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8)
+        ax.set(title=title + ': mean and 95% CI over seeds')
+        ax.grid(alpha=0.3, axis='y')
+    axes[1].set_xticks(range(len(groups)), groups, fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, 'gen_ppl_vs_entropy.png'), dpi=110)
+    fig.savefig(os.path.join(out, 'cells.png'), dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    palette = plt.get_cmap('tab10').colors
+    scheds = sorted({c['schedule'] for c in diff if not c['block_len']})
+    for ax, masking in zip(axes, ('uniform', 'entropy')):
+        for c in table:
+            if c['objective'] == 'diffusion' and c['masking'] != masking:
+                continue
+            curves = []
+            for p in c['paths']:
+                tr = training_log(p)
+                curves.append([(q['step'], q.get('val_nelbo', q['val_loss'])) for q in tr['val']])
+            n = min(map(len, curves)) if curves else 0
+            if not n:
+                continue
+            steps = [curves[0][i][0] for i in range(n)]
+            pts = [seed_ci([cv[i][1] for cv in curves]) for i in range(n)]
+            mean = [m for m, _ in pts]
+            h = [ci or 0.0 for _, ci in pts]
+            if c['objective'] == 'gpt':
+                color, ls, label = 'black', '--', 'GPT (val_loss, exact NLL)'
+            elif c['block_len']:
+                color, ls, label = 'gray', ':', f"block L={c['block_len']} {c['schedule']}"
+            else:
+                color, ls, label = palette[scheds.index(c['schedule']) % 10], '-', c['schedule']
+            ax.plot(steps, mean, color=color, ls=ls, label=label)
+            ax.fill_between(steps, [m - e for m, e in zip(mean, h)], [m + e for m, e in zip(mean, h)], color=color,
+                            alpha=0.15, lw=0)
+        ax.set(title=f'{masking} masking: val_nelbo in the training log', xlabel='step')
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('nats/char (mean, 95% band over seeds)')
+    lo = min((c['val_nelbo'] or c['val_loss'] or 9) for c in table)
+    axes[0].set_ylim(lo - 0.15, lo + 1.2)
+    axes[1].legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'cell_curves.png'), dpi=110)
     plt.close(fig)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import diffusion
-from diffusion import Config, KVCache, build_model, configure, filter_logits, run_cli, settings_of, train  # noqa: F401 (sample.load_run)
+from diffusion import Config, KVCache, batch_mean, build_model, configure, filter_logits, run_cli, settings_of, train  # noqa: F401 (sample.load_run)
 
 # settings: diffusion.py's, less its diffusion block, with these defaults changed
 DEFAULTS = dict(diffusion.shared_settings(), out_dir='')   # out_dir '' = out/gpt-<dataset>
@@ -46,8 +46,9 @@ class GPTObjective:
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        losses = [self.loss(model, window, 0, 0) for window in batches]
-        return {'val_loss': torch.stack(losses).mean().item()}
+        losses, sizes = zip(*[(self.loss(model, window, 0, 0), len(window)) for window in batches])
+        mean, se = batch_mean(losses, sizes)
+        return {'val_loss': mean, 'val_loss_se': se}
 
     def sample(self, model, tokenizer, n=None, seed=1337):
         """One sample of n tokens (default block_size) from the EOT (or first) token, as text."""

@@ -19,7 +19,8 @@ evaluate.py and visualize.py: frames() is the one entry point, a generator of
                    float64 (float32 Gumbel noise truncates the tail and lowers the effective
                    temperature: Zheng et al. 2024, "Masked diffusion models are secretly
                    time-agnostic masked models and exploit inaccurate categorical sampling").
-                   A final argmax step fills whatever is still masked at t = 0.
+                   Whatever is still masked at t = 0 (alpha(0) < 1) is sampled the same way
+                   (--final_fill=argmax: greedily, the old behaviour).
   ancestral_cache  the same samples, but the forward pass is skipped when no token changed in
                    the previous step (the model is time-agnostic, so its output depends on the
                    tokens only: MDLM section 4.2). Identical output, fewer forward passes.
@@ -71,7 +72,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffusion import (EXIT_USAGE, Schedule, Tokenizer, UserError, all_logits, at_least, atomic_write_text,
-                       block_len_of, configure, fmt_time, generate, generate_blocks, in_range, in_window, one_of, print0, read_checkpoint,
+                       block_len_of, configure, fill_final, fmt_time, generate, generate_blocks, in_range, in_window, one_of, print0, read_checkpoint,
                        resolve_device, run_cli, sample_categorical, script_info, time_grid, uniform)
 
 # -----------------------------------------------------------------------------
@@ -90,6 +91,7 @@ threshold = 0.9                 # threshold sampler: reveal positions whose max 
 remask_score = 'max_prob'       # remask sampler confidence: 'max_prob' | 'margin' | 'neg_entropy'
 remdm_mode = 'cap'              # remdm sigma_t: 'cap' (min(eta, sigma_max)) | 'rescale' (eta * sigma_max)
 remdm_eta = 0.02                # remdm remasking strength eta
+final_fill = 'sample'           # ancestral/remdm: masks left at t = 0 (alpha(0) < 1): 'sample' (like every step) | 'argmax'
 stride = 0                      # new tokens per window after the first (long texts, MDLM); 0 = block_size // 2
 trace = ''                      # write every frame (step, tokens, changed) to this .json file
 # -----------------------------------------------------------------------------
@@ -97,9 +99,10 @@ trace = ''                      # write every frame (step, tokens, changed) to t
 SAMPLERS = ('confidence', 'ancestral', 'ancestral_cache', 'remask', 'threshold', 'remdm')
 REMASK_SCORES = ('max_prob', 'margin', 'neg_entropy')
 REMDM_MODES = ('cap', 'rescale')
-SAMPLER_OPTIONS = ('schedule', 'threshold', 'remask_score', 'remdm_mode', 'remdm_eta', 'stride')
+SAMPLER_OPTIONS = ('schedule', 'threshold', 'remask_score', 'remdm_mode', 'remdm_eta', 'stride', 'final_fill')
+FINAL_FILLS = ('sample', 'argmax')
 PLACEHOLDER = re.compile(r'\[MASK(?::(\d+))?\]')   # [MASK] = 1 token, [MASK:N] = N tokens
-RULES = {'sampler': one_of(SAMPLERS), 'remask_score': one_of(REMASK_SCORES), 'remdm_mode': one_of(REMDM_MODES),
+RULES = {'sampler': one_of(SAMPLERS), 'remask_score': one_of(REMASK_SCORES), 'remdm_mode': one_of(REMDM_MODES), 'final_fill': one_of(FINAL_FILLS),
          'steps': at_least(1), 'num_samples': at_least(1), 'max_new_tokens': at_least(-1), 'temperature': at_least(0.0),
          'top_k': at_least(0), 'top_p': in_range(1e-9, 1), 'threshold': in_range(1e-9, 1), 'remdm_eta': at_least(0.0),
          'stride': at_least(0)}
@@ -309,7 +312,7 @@ def threshold_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0
 
 @torch.no_grad()
 def remdm_sampler(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top_p=1.0, remdm_mode='cap',
-                  remdm_eta=0.02, **_):
+                  remdm_eta=0.02, final_fill='sample', **_):
     """ReMDM (Wang et al. 2025, eq. 5): from t to s, a token this window revealed is remasked with
     probability sigma_t and a masked token is revealed with probability
     (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t), where sigma_t <= sigma_max =
@@ -342,7 +345,7 @@ def remdm_sampler(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top
         yield step, x, changed
     masked = x == mask_id
     if masked.any():
-        x = torch.where(masked, all_logits(model, x).argmax(-1), x)
+        x = fill_final(x, all_logits(model, x), masked, gens, final_fill, temperature, top_k, top_p)
         yield step + 1, x, masked
 
 
@@ -524,7 +527,7 @@ def main():
         n = 0 if infill else max(model.cfg.block_size - len(prompt), model.cfg.block_size // 2)
     kw = dict(num_samples=c.num_samples, sampler=c.sampler, steps=c.steps, temperature=c.temperature, top_k=c.top_k,
               top_p=c.top_p, seed=c.seed, threshold=c.threshold, remask_score=c.remask_score, remdm_mode=c.remdm_mode,
-              remdm_eta=c.remdm_eta, stride=c.stride, schedule=getattr(run.objective, 'schedule', None))
+              remdm_eta=c.remdm_eta, stride=c.stride, final_fill=c.final_fill, schedule=getattr(run.objective, 'schedule', None))
     stats, recorded = {'nfe': 0}, []
     t0, x = time.time(), None
     n_new = n + (prompt.count(tok.mask_id) if infill else 0)

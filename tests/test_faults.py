@@ -317,7 +317,7 @@ def test_nonsense_settings_give_one_line_and_no_traceback(tiny_runs, char_data, 
     bad = {
         'diffusion.py': ['--t_min=1', '--t_min=2', '--t_min=-0.5', '--gradient_accumulation_steps=-1', '--max_iters=-5',
                          '--batch_size=0', '--block_size=-1', '--n_embd=100 --n_head=3', '--n_head=0', '--device=tpu',
-                         '--eval_interval=0', '--log_interval=0', '--eval_iters=0', '--dropout=2',
+                         '--eval_interval=0', '--log_interval=0', '--eval_iters=-1', '--dropout=2',
                          f'--masking=entropy --entropy_file={ent}'],
         'gpt.py': ['--t_min=0.5', '--n_embd=100 --n_head=3', '--device=tpu'],
         'sample.py': ['--max_new_tokens=-5', '--steps=0', '--top_p=0', '--trace=/nonexistent/dir/t.json'],
