@@ -93,6 +93,7 @@ json = ''                       # also write every figure to this path ('' = onl
 compare = ''                    # comma-separated run folders or globs: compare them (also: --compare DIR1 DIR2 ...)
 report_dir = ''                 # where --compare writes compare.md/.json/.png; '' = out/compare
 recompute = False               # --compare: evaluate again even when a run's eval.json is current
+compare_plots = True            # --compare: also loss_curves.png and nelbo_by_schedule.png (one line/point per run)
 device = 'auto'                 # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = 'auto'                  # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere) | 'float32' | 'bfloat16'
 seed = 1337                     # every random draw of the evaluation is keyed by this
@@ -1214,7 +1215,9 @@ def cell_plots(table, out):
             if c['objective'] == 'gpt':
                 color, ls, label = 'black', '--', 'GPT (val_loss, exact NLL)'
             elif c['block_len']:
-                color, ls, label = 'gray', ':', f"block L={c['block_len']} {c['schedule']}"
+                lens = sorted({b['block_len'] for b in diff if b['block_len']})
+                color, ls = ('dimgray', 'silver', 'gray')[lens.index(c['block_len']) % 3], ':'
+                label = f"block diffusion L={c['block_len']} {c['schedule']}"
             else:
                 color, ls, label = palette[scheds.index(c['schedule']) % 10], '-', c['schedule']
             ax.plot(steps, mean, color=color, ls=ls, label=label)
@@ -1225,7 +1228,10 @@ def cell_plots(table, out):
     axes[0].set_ylabel('nats/char (mean, 95% band over seeds)')
     lo = min((c['val_nelbo'] or c['val_loss'] or 9) for c in table)
     axes[0].set_ylim(lo - 0.15, lo + 1.2)
-    axes[1].legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8)
+    legend = {}
+    for ax in axes:  # both panels' lines in one legend (block diffusion is in the uniform one only)
+        legend.update((lab, h) for h, lab in zip(*ax.get_legend_handles_labels()))
+    axes[1].legend(legend.values(), legend.keys(), loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, 'cell_curves.png'), dpi=110)
     plt.close(fig)
@@ -1239,7 +1245,7 @@ def run_compare(c, explicit, log=print):
     os.makedirs(report, exist_ok=True)
     table = markdown_table(rows)
     atomic_write_text(table, os.path.join(report, 'compare.md'))
-    made = plots(rows, report, log)
+    made = plots(rows, report, log) if c.compare_plots else []
     write_json({'rows': rows, 'results': results, 'plots': made}, os.path.join(report, 'compare.json'))
     log(table)
     log(f"wrote {os.path.join(report, 'compare.md')}, compare.json" + (', ' + ', '.join(map(os.path.basename, made))

@@ -26,6 +26,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 import evaluate
 from diffusion import MASKINGS, SCHEDULES, UserError, configure, one_of, read_log, run_cli
 
@@ -164,7 +166,7 @@ def study_schedules(c):
         list(pool.map(lambda d: run(c, [sys.executable, script('evaluate.py'), f'--out_dir={d}', f'--ref={ref}',
                                      f'--device={c.device}', *c.eval_args.split()], os.path.join(d, 'eval.out')),
                       [d for d in all_dirs if not evaluated(d)]))
-    run(c, [sys.executable, script('evaluate.py'), '--compare', *all_dirs, f"--report_dir={os.path.join(c.results_dir, 'runs')}", f'--device={c.device}',
+    run(c, [sys.executable, script('evaluate.py'), '--compare', *all_dirs, f"--report_dir={os.path.join(c.results_dir, 'runs')}", '--compare_plots=false', f'--device={c.device}',
          f'--ref={ref}', *c.eval_args.split()])
     evaluate.summarise_cells(all_dirs, c.results_dir)
     total = time.time() - t_start
@@ -205,7 +207,7 @@ def study_epochs(c):
     report the curves (race.png), each model's best and when, and whether diffusion passes GPT."""
     spe = c.race_tokens / (c.batch_size * c.block_size)                 # optimizer steps per epoch
     runs = race_runs(c)
-    t0 = time.time()
+    t0, trained = time.time(), 0.0
     if c.train:
         todo = []
         for name, (script, epochs, extra) in runs.items():
@@ -220,8 +222,7 @@ def study_epochs(c):
               f"{c.jobs} at a time")
         todo.sort(key=lambda item: -item[0])                            # the longest first: less idle at the end
         with ThreadPoolExecutor(c.jobs) as pool:
-            list(pool.map(lambda item: train_run(c, *item[1:]), todo))
-    seconds = time.time() - t0
+            trained = sum(pool.map(lambda item: train_run(c, *item[1:]), todo))   # 0 for runs already finished
     curves = {}
     for name, (_, epochs, _) in runs.items():
         for s in range(c.seeds):
@@ -233,8 +234,8 @@ def study_epochs(c):
             last = {r['step']: r for r in recs}                          # a resumed run logs a step once more
             curves.setdefault(name, []).append([(r['epoch'], r[key]) for r in sorted(last.values(), key=lambda r: r['step'])])
     report = race_report(c, curves)
-    if c.train:
-        report['seconds'] = round(seconds)
+    if trained:  # the cost of what this command trained: wall time, and the runs' own times summed
+        report.update(seconds=round(time.time() - t0), run_seconds=round(trained))
     md = race_markdown(c, report)
     os.makedirs(c.results_dir, exist_ok=True)
     stem = os.path.join(c.results_dir, f'race-{c.race_tokens / 1000:g}k')
@@ -270,6 +271,12 @@ def race_report(c, curves):
         below = [e for e, v in m['mean_curve'] if v < gpt['best']]
         m['passes_gpt_best_at_epoch'] = below[0] if below else None
         m['seeds_passing'] = sum(b[1] < gpt['best'] for b in m['best_per_seed'])
+        # the first of GPT's validations after its best at which GPT's mean curve is above this model's
+        # (interpolated at the same epoch): from there on GPT's last checkpoint is the worse model
+        ep, val = zip(*m['mean_curve'])
+        worse = [e for e, v in gpt['mean_curve'] if e >= gpt['best_epoch'] and ep[0] <= e <= ep[-1]
+                 and v > float(np.interp(e, ep, val))]
+        m['gpt_worse_from_epoch'] = worse[0] if worse else None
     return {'models': models, 'tokens': c.race_tokens, 'seeds': c.seeds,
             'settings': {k: c[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'learning_rate',
                                             'race_min_lr', 'race_epochs', 'race_gpt_epochs', 'race_evals',
@@ -285,17 +292,22 @@ def race_markdown(c, report):
                      f"{m['best']:.4f} ± {m['best_ci95']:.4f}", f"{m['best_epoch']:.1f}",
                      f"{m['last']:.4f} (epoch {m['last_epoch']:.0f})",
                      '-' if name == 'GPT' else ('never' if passes is None else f"epoch {passes:.1f}") +
-                     ('' if name == 'GPT' else f"; {m['seeds_passing']}/{report['seeds']} seeds' best")])
-    cost = f", {report['seconds'] / 60:.0f} minutes on {c.jobs} CPU processes" if 'seconds' in report else ''
+                     ('' if name == 'GPT' else f"; {m['seeds_passing']}/{report['seeds']} seeds' best"),
+                     '-' if name == 'GPT' or m['gpt_worse_from_epoch'] is None else f"epoch {m['gpt_worse_from_epoch']:.1f}"])
+    cost = (f", {report['seconds'] / 60:.1f} minutes on {c.jobs} CPU processes (the runs' own times sum to "
+            f"{report['run_seconds'] / 60:.1f} minutes)" if 'seconds' in report else '')
     notes = [f"{report['seeds']} seeds per model on the first {report['tokens']:,} tokens of the train split{cost}; "
              f"{c.race_evals} validations per run, evenly spaced, each on the whole validation split (val_nelbo with "
              "stratified times and a control variate; standard errors in each run's log.jsonl); each run's best "
              "checkpoint is its best.pt.",
              "best: mean ± 95% CI over seeds (Student's t) of each run's lowest validation value, nats per token; "
              "its epoch: mean over seeds. The diffusion value is an upper bound on its NLL, GPT's is exact.",
-             "passes GPT's best: the first validation at which the model's mean curve is below GPT's mean best."]
+             "passes GPT's best: the first validation at which the model's mean curve is below GPT's mean best. "
+             "GPT's curve above it: the first of GPT's validations after its best at which GPT's mean is above this "
+             "model's mean at the same epoch (GPT overfitting: its checkpoint at that epoch is the worse model)."]
     return '# The data-constrained race\n\n' + evaluate.md_table(
-        ['model', 'measure', 'best (nats/token)', 'best at epoch', 'at the end', "passes GPT's best"], rows, notes)
+        ['model', 'measure', 'best (nats/token)', 'best at epoch', 'at the end', "passes GPT's best",
+         "GPT's curve above it from"], rows, notes)
 
 
 def race_plot(c, curves, report, path):
