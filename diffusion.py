@@ -797,6 +797,37 @@ def batch_mean(values, sizes):
     return mean, float((w ** 2 * (v - mean) ** 2).sum() * k / (k - 1)) ** 0.5 if k > 1 else float('nan')
 
 
+def mask_count_cv(t, counts, T, t_min):
+    """The control variate of the uniform-masking NELBO estimate, per sequence: (1 - t_min) x the
+    sum over its times t (B, k) of w(t) x counts (B, k) / T - (1 - t_min), counts being the tokens
+    masked at each t (k = 1, or one per block), w(t) = 1/t the linear schedule's weight. Its mean is
+    exactly 0 (E[count] = t x tokens), and it carries the noise of how many tokens happened to be
+    masked, which dominates the estimate at small t. Used in training (DiffusionObjective.evaluate)
+    and by evaluate.py."""
+    return (1 - t_min) * (counts / t).sum(1) / T - (1 - t_min)
+
+
+class ControlVariate:
+    """Estimates f - beta c with beta = cov(f, c) / var(c) fitted on the (f, c) pairs added before:
+    never on the draws it corrects, so the estimate stays unbiased and successive estimates
+    uncorrelated (Glasserman 2003, "Monte Carlo Methods in Financial Engineering", sec. 4.1).
+    Running sums n, f, c, fc, cc kept on the device (no host sync)."""
+    def __init__(self, device='cpu'):
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+
+    def beta(self):
+        n, sf, sc, sfc, scc = self.sums
+        n = n.clamp(min=1)
+        var = scc - sc * sc / n
+        return torch.where(var > 0, (sfc - sf * sc / n) / var.clamp(min=1e-30), 0.0)
+
+    def correct(self, f, c):
+        """f - beta c with the beta of the pairs so far (both (B,) float64); then adds these pairs."""
+        out = f - self.beta() * c
+        self.sums += torch.stack([torch.ones_like(self.sums[0]) * len(f), f.sum(), c.sum(), (f * c).sum(), (c * c).sum()])
+        return out
+
+
 class DiffusionObjective:
     """What makes this a diffusion LM; gpt.py's GPTObjective fills the same slots."""
     name = 'diffusion'
@@ -838,14 +869,11 @@ class DiffusionObjective:
         return out[1] if per_seq else out[0]
 
     def control_variate(self, t, u):
-        """(B,) per sequence: (1 - t_min) x sum over its times of w(t) x (tokens masked at t) / T,
-        minus (1 - t_min), under uniform masking with the linear schedule (w(t) = 1/t). Its mean is
-        exactly 0 (E[tokens masked] = t x tokens), and it carries the noise of how many tokens
-        happened to be masked, which dominates the NELBO estimate at small t."""
+        """mask_count_cv (B,) of the uniform-masking draws (t, u) of compute(own=False)."""
         B, T = u.shape
         t = t.view(B, -1)                                               # (B, 1) or (B, blocks)
-        masked = (u.view(B, t.size(1), -1) < (1 - self.uniform.alpha(t))[..., None]).sum(-1)   # (B, 1 or blocks)
-        return (1 - self.c.t_min) * (self.uniform.weight(t) * masked).sum(1) / T - (1 - self.c.t_min)
+        counts = (u.view(B, t.size(1), -1) < (1 - self.uniform.alpha(t))[..., None]).sum(-1)   # (B, 1 or blocks)
+        return mask_count_cv(t, counts, T, self.c.t_min)
 
     def draws(self, x, key, micro=0, micros=1):
         """(t (B,), u (B, T)) on x's device, keyed by (seed, *key, micro): micro-batch `micro` of
@@ -886,22 +914,15 @@ class DiffusionObjective:
         the error against the whole split's value; for the whole split in order (eval_iters=0) an
         upper bound on the Monte Carlo error, since the spread also counts how the batches' texts differ."""
         own, fair, sizes = [], [], []
-        dev = next(model.parameters()).device
 
-        def fit(x, key):   # the uniform NELBO per sequence f (B,), its control variate c (B,); add to the fit
+        def fit(x, key):   # the uniform NELBO per sequence f (B,), corrected by its control variate
             t, u = self.draws(x, key)
             f = self.compute(model, x, t, u, own=False, capacity=x.numel(), per_seq=True).double()   # head everywhere
-            c = self.control_variate(t, u)
-            n, sf, sc, sfc, scc = self._cv
-            var = scc - sc * sc / n.clamp(min=1)
-            beta = torch.where(var > 0, (sfc - sf * sc / n.clamp(min=1)) / var.clamp(min=1e-30), 0.0)   # before
-            self._cv += torch.stack([torch.ones((), dtype=torch.float64, device=dev) * len(f), f.sum(), c.sum(),
-                                     (f * c).sum(), (c * c).sum()])
-            return t, u, f, (f - beta * c).mean()
+            return t, u, f, self._cv.correct(f, self.control_variate(t, u)).mean()
         for i, window in enumerate(batches):
             x = window[:, :-1]
-            if self._cv is None:   # running sums n, f, c, fc, cc; a first pilot pass (its own draws) starts them
-                self._cv = torch.zeros(5, dtype=torch.float64, device=dev)
+            if self._cv is None:   # kept across evaluations; a first pilot pass (its own draws) starts it
+                self._cv = ControlVariate(x.device)
                 fit(x, ('val', 'pilot'))
             t, u, f, value = fit(x, ('val', i))
             fair.append(value)

@@ -62,9 +62,9 @@ import torch
 import torch.nn.functional as F
 
 import sample
-from diffusion import (EXIT_USAGE, Schedule, TokenData, Tokenizer, UserError, at_least, atomic_write_text,
-                       autocast_for, check_same_data, configure, fingerprint, in_range, load_meta,
-                       mask_uniform, masked_ce, one_of, read_checkpoint, read_log, resolve_device, rng, run_cli,
+from diffusion import (EXIT_USAGE, ControlVariate, Schedule, TokenData, Tokenizer, UserError, at_least,
+                       atomic_write_text, autocast_for, check_same_data, configure, fingerprint, in_range, load_meta,
+                       mask_count_cv, mask_uniform, masked_ce, one_of, read_checkpoint, read_log, resolve_device, rng, run_cli,
                        settings_of, stratified_times)
 
 # -----------------------------------------------------------------------------
@@ -257,8 +257,7 @@ def continuous_batch(model, x, gen_t, gen_mask, t_min):
     ce = masked_ce(model, x, mask.to(x.device), model.cfg.mask_id, t.float().to(x.device))   # (n,)
     w = (1 - t_min) * LINEAR.weight(t)                                     # (n,) float64 on the CPU
     f = w.to(x.device) * ce.double() / L
-    c = w * mask.sum(1) / L - (1 - t_min)
-    return f, c.to(x.device)
+    return f, mask_count_cv(t[:, None], mask.sum(1, keepdim=True), L, t_min).to(x.device)
 
 
 def block_times(u0, n, nb, t_min):
@@ -281,8 +280,7 @@ def block_continuous_batch(model, x, gen_t, gen_mask, t_min):
     ce = masked_ce(model, x, mask.to(x.device), model.cfg.mask_id, p.float().to(x.device), block_len=B)  # (n * nb,)
     w = (1 - t_min) * LINEAR.weight(t)                                     # (n * nb,) float64 on the CPU
     f = (w.to(x.device) * ce.double()).view(n, -1).sum(1) / L
-    c = (w * mask.reshape(-1, B).sum(1)).view(n, -1).sum(1) / L - (1 - t_min)
-    return f, c.to(x.device)
+    return f, mask_count_cv(t.view(n, -1), mask.reshape(n, -1, B).sum(2), L, t_min).to(x.device)
 
 
 def block_discrete_batch(model, x, gen_t, gen_mask, t_min=None):
@@ -327,21 +325,14 @@ def monte_carlo(model, x, batch_fn, passes, batch_size, seed, t_min, control_var
     dev = next(model.parameters()).device
     nb = math.ceil(len(x) / batch_size)
     est = np.zeros((nb, passes))
-    sums = np.zeros(5)                                    # n, sum f, sum c, sum f c, sum c^2 so far
-    beta = 0.0
-
-    def update(f, c):
-        sums[:] += [len(f), f.sum().item(), c.sum().item(), (f * c).sum().item(), (c * c).sum().item()]
-        n, sf, sc, sfc, scc = sums
-        var = scc - sc * sc / n
-        return (sfc - sf * sc / n) / var if var > 0 else 0.0
+    cv = ControlVariate(dev)                              # the regression on the pairs done so far
     t0 = time.time()
     if control_variate:
         with autocast:
             f, c = batch_fn(model, x[:batch_size].to(dev), rng(seed, batch_fn.__name__, 't', 'pilot'),
                             rng(seed, batch_fn.__name__, 'mask', 'pilot'), t_min)
         if c is not None:
-            beta = update(f, c)
+            cv.correct(f, c)
     for p in range(passes):
         for b in range(nb):
             xb = x[b * batch_size:(b + 1) * batch_size].to(dev)
@@ -349,12 +340,11 @@ def monte_carlo(model, x, batch_fn, passes, batch_size, seed, t_min, control_var
                 f, c = batch_fn(model, xb, rng(seed, batch_fn.__name__, 't', p, b),
                                 rng(seed, batch_fn.__name__, 'mask', p, b), t_min)
             if c is not None and control_variate:
-                est[b, p] = (f - beta * c).mean().item()
-                beta = update(f, c)
+                est[b, p] = cv.correct(f, c).mean().item()
             else:
                 est[b, p] = f.mean().item()
     tokens = np.array([min(batch_size, len(x) - b * batch_size) for b in range(nb)]) * x.size(1)
-    return est, tokens, time.time() - t0, beta
+    return est, tokens, time.time() - t0, float(cv.beta())
 
 
 @torch.no_grad()

@@ -18,7 +18,6 @@ it stopped, and finished runs are skipped. At the 124M scale, train with `sbatch
 slurm_train.sh config/fineweb_124m.py` and point --runs_dir at those runs with --train=false.
 """
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -246,12 +245,6 @@ def study_epochs(c):
     print(md)
 
 
-def ci95(values):
-    """Half-width of the 95% CI of the mean of values (Student's t over seeds); 0 for one value."""
-    n = len(values)
-    return evaluate.t975(n - 1) * statistics.stdev(values) / math.sqrt(n) if n > 1 else 0.0
-
-
 def race_report(c, curves):
     """Each model's best value (mean, sd and 95% CI over seeds) and the epoch it came at; the
     first validation at which diffusion's mean curve is below GPT's mean best."""
@@ -261,7 +254,7 @@ def race_report(c, curves):
         n = min(map(len, runs))
         mean_curve = [(runs[0][i][0], statistics.fmean(run[i][1] for run in runs)) for i in range(n)]
         models[name] = {'best': statistics.fmean(b[1] for b in best), 'best_sd': statistics.stdev(b[1] for b in best)
-                        if len(best) > 1 else 0.0, 'best_ci95': ci95([b[1] for b in best]),
+                        if len(best) > 1 else 0.0, 'best_ci95': evaluate.seed_ci([b[1] for b in best])[1] or 0.0,
                         'best_epoch': statistics.fmean(b[0] for b in best), 'best_per_seed': best,
                         'last': mean_curve[-1][1], 'last_epoch': mean_curve[-1][0], 'mean_curve': mean_curve}
     gpt = models.get('GPT')
@@ -342,15 +335,15 @@ def race_plot(c, curves, report, path):
 
 # -----------------------------------------------------------------------------
 # do clipped_cosine and sigmoid stall at the micro-dLLM seed's settings? (its 124M report says they did)
-STALL_SEED = ['--learning_rate=3e-4', '--min_lr=3e-4', '--warmup_iters=0', '--loss_weighting=masked_mean',
-              '--dtype=bfloat16']                                       # the seed: constant 3e-4, masked mean, bf16
-STALL_VARIANTS = {  # name: args; each variant after 'seed' puts back one of ours
-    'ours': [],
-    'seed': STALL_SEED,
-    'seed, NELBO weighting': STALL_SEED + ['--loss_weighting=nelbo'],
-    'seed, float32': STALL_SEED + ['--dtype=float32'],
-    'seed, our lr (1e-3, warmup, cosine)': [a for a in STALL_SEED if 'lr' not in a and 'warmup' not in a
-                                            and 'learning_rate' not in a],
+SEED_LR = ['--learning_rate=3e-4', '--min_lr=3e-4', '--warmup_iters=0']   # the seed: constant 3e-4, no warmup
+SEED_LOSS = ['--loss_weighting=masked_mean', '--dtype=bfloat16']           # masked-mean loss, bf16
+STALL_SEED = SEED_LR + SEED_LOSS
+STALL_VARIANTS = {  # name: (run folder suffix, args); each variant after 'seed' puts back one of ours
+    'ours': ('ours', []),
+    'seed': ('seed', STALL_SEED),
+    'seed, NELBO weighting': ('seed-nelbo', STALL_SEED + ['--loss_weighting=nelbo']),
+    'seed, float32': ('seed-float32', STALL_SEED + ['--dtype=float32']),
+    'seed, our lr (1e-3, warmup, cosine)': ('seed-our', SEED_LOSS),
 }
 
 
@@ -358,14 +351,13 @@ def study_stall(c):
     """Each of stall_schedules under each variant, 1 seed: the training curve of the uniform bound
     and whether it stalls (stops improving while far above where our settings get)."""
     scheds = [s for s in c.stall_schedules.split(',') if s]
-    runs = {(sc, v): os.path.join(c.runs_dir, f"{sc}-{v.split(',')[0].split(' ')[0]}" +
-                                  (f"-{v.split(', ')[1].split(' ')[0].lower()}" if ', ' in v else ''))
-            for sc in scheds for v in STALL_VARIANTS}
+    runs = {(sc, v): os.path.join(c.runs_dir, f"{sc}-{suffix}") for sc in scheds
+            for v, (suffix, _) in STALL_VARIANTS.items()}
     t0 = time.time()
     if c.train:
         with ThreadPoolExecutor(c.jobs) as pool:
             list(pool.map(lambda kv: train_run(c, script('diffusion.py'), kv[1], [f'--schedule={kv[0][0]}', '--seed=0',
-                                                                          *STALL_VARIANTS[kv[0][1]]]), runs.items()))
+                                                                          *STALL_VARIANTS[kv[0][1]][1]]), runs.items()))
     rows, table = [], []
     for (sc, v), d in runs.items():
         val = [(r['step'], r['val_nelbo']) for r in read_log(os.path.join(d, 'log.jsonl')) if 'val_nelbo' in r]
