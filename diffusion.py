@@ -21,6 +21,7 @@ positions count in the loss.
 """
 import ast
 import contextlib
+import ctypes
 import difflib
 import errno
 import fcntl
@@ -292,6 +293,37 @@ def padded_vocab(n_tokens, multiple=64):
     return (n_tokens + 1 + multiple - 1) // multiple * multiple
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """x / rms(x) * weight over the last dim, weight broadcast to x: (D,), or (2, 1, D) for q and k
+    together. F.rms_norm's forward is one kernel, but its backward is autograd's chain of a dozen
+    ops (pow, mean, rsqrt and theirs): the 17 norms of a small model took a tenth of its CPU step.
+    Here: 3 passes over x forward, 6 backward. torch.compile traces it and fuses either way."""
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        acc = torch.promote_types(x.dtype, torch.float32)                             # bf16 in fp32
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)               # (..., 1)
+        r = r.square_().div_(x.size(-1)).add_(eps).rsqrt_().to(x.dtype)               # 1 / rms(x)
+        w = weight.to(x.dtype)
+        xhat = x * r                                                                   # (..., D)
+        ctx.save_for_backward(xhat, r, w)
+        return xhat * w
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, r, w = ctx.saved_tensors
+        gx_hat = g * xhat                                                              # (..., D)
+        # d/dx of xhat = x r: r (h - xhat mean(h xhat)), h = g w the gradient at xhat
+        dot = (gx_hat @ w)[..., None] if w.dim() == 1 else (gx_hat * w).sum(-1, keepdim=True)   # (..., 1)
+        gx = torch.addcmul(g * w, xhat, dot, value=-1.0 / xhat.size(-1)).mul_(r)
+        acc = torch.promote_types(g.dtype, torch.float32)                             # bf16 sums in fp32
+        gw = gx_hat.flatten(0, g.dim() - w.dim() - 1).sum(0, dtype=acc).sum_to_size(w.shape)   # leading dims first
+        return gx, gw, None
+
+
+def rms_norm(x, weight, eps=1e-6):
+    return RMSNormFunction.apply(x, weight, eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -299,21 +331,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_table(block_size, head_dim, base=10000.0):
-    """cos, sin of shape (block_size, head_dim/2) for rotary position embeddings (Su et al. 2021)."""
+    """Rotary position embeddings (Su et al. 2021), the two halves of a head rotated as pairs
+    (x1_i, x2_i) by angle t / base^(2i/D): (cos, sin) of shape (block_size, head_dim), full width
+    with sin's first half negated, the form apply_rope multiplies by."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)   # (T, D/2)
+    return angles.cos().repeat(1, 2), torch.cat([-angles.sin(), angles.sin()], 1)
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, T, H, D); cos, sin: (T, D/2)."""
+    """x: (B, T, ..., D); cos, sin: (T, D) from rope_table. [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
+    in three ops (a cat, a multiply and a multiply-add)."""
+    shape = (x.size(1),) + (1,) * (x.dim() - 3) + (x.size(-1),)                    # (T, 1.., D)
+    cos, sin = cos.view(shape).to(x.dtype), sin.view(shape).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), sin)
 
 
 def block_len_of(block_len, block_size):
@@ -395,9 +431,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, vectorised=False):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # (B, T, H, D)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)        # (B, H, T, D)
+        qk, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).split([2, 1], dim=2)  # (B, T, 2 | 1, H, D)
+        # QK-norm and RoPE on q and k together: half the ops of doing each on its own
+        qk_weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # (2, 1, D)
+        q, k = apply_rope(rms_norm(qk, qk_weight, self.q_norm.eps), cos, sin).unbind(2)   # (B, T, H, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)     # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0, self.block_len, vectorised)
@@ -1671,6 +1709,22 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def tune_backend(dev):
+    """Settings that change speed, not results. CUDA: TF32 matmuls where fp32 remains. CPU under
+    glibc (Linux): freed memory stays in the heap (mallopt) instead of going back to the OS, so
+    each step's big activations reuse mapped pages instead of page-faulting fresh ones: 3-4% of a
+    small model's CPU step (bench/bench_train.py)."""
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif dev.type == 'cpu' and sys.platform.startswith('linux'):
+        try:
+            libc = ctypes.CDLL(None)
+            libc.mallopt(-1, 1 << 30)      # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+            libc.mallopt(-3, 32 << 20)     # M_MMAP_THRESHOLD: blocks under 32 MiB from the heap, not mmap
+        except (OSError, AttributeError):  # another C library: its own policy
+            pass
+
+
 def train(c, Objective, script):
     """Train with settings c (a Config from configure) and an objective class (DiffusionObjective
     here, GPTObjective in gpt.py); script is the training script's path, recorded in checkpoints.
@@ -1718,8 +1772,7 @@ def train(c, Objective, script):
     optimizer = make_optimizer(raw_model, c, dev)
     step, best_val, evaluated_at = restore(ckpt, optimizer, c, rank, world)
     model = raw_model   # with --compile the objective compiles its loss, the model's forward included
-    if dev.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # TF32 where fp32 remains
+    tune_backend(dev)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if dev.type == 'cuda' else None)

@@ -1,7 +1,8 @@
 """The training step is GPU-ready: the loss of both objectives compiles whole (0 graph breaks, one
 compilation across steps and mask rates), the static-shape loss equals the plain formulation on
 the same draws, its subsampled head stays unbiased, every micro-batch spans [t_min, 1], and
-torchrun runs with the default settings (2 processes = 1 process with the same global batch)."""
+torchrun runs with the default settings (2 processes = 1 process with the same global batch); the
+model's own RMSNorm backward and three-op RoPE equal their plain formulations."""
 import math
 import os
 import subprocess
@@ -148,3 +149,37 @@ def test_torchrun_with_default_settings_equals_one_process(char_data, tmp_path):
     assert a['config']['gradient_accumulation_steps'] == 2
     for k, v in a['model'].items():
         assert torch.allclose(v, b['model'][k], atol=1e-6), k
+
+
+@pytest.mark.parametrize('shape, wshape', [((3, 5, 16), (16,)), ((3, 5, 2, 4, 8), (2, 1, 8))])
+def test_rms_norm_function_matches_torch(shape, wshape):
+    """diffusion.RMSNormFunction (its own backward) against F.rms_norm and autograd, value and both
+    gradients, for one weight (D,) and for q and k's weights stacked (2, 1, D); and gradcheck in float64."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(wshape, generator=gen, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    ours = D.rms_norm(x, w, 1e-6)
+    ref = F.rms_norm(x, (shape[-1],), None, 1e-6) * w        # broadcast weight: F.rms_norm's own takes (D,) only
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda a, b: D.rms_norm(a, b, 1e-6), (x[:2, :2].detach().requires_grad_(), w))
+    y = D.rms_norm(x.detach().bfloat16(), w.detach().float())   # low precision in, its own precision out
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref.detach(), atol=0.05, rtol=0.02)
+
+
+def test_rope_rotates_each_pair_by_its_angle():
+    """apply_rope against rotation as complex multiplication: the pair (x1_i, x2_i) of the two halves
+    of a head is x1_i + i x2_i, times exp(i t theta_i), theta_i = 10000^(-2i/D), at position t; on a
+    (B, T, 2, H, D) tensor (q and k together) as on (B, T, H, D)."""
+    Tn, D_ = 6, 8
+    x = torch.randn(2, Tn, 2, 3, D_, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cos, sin = D.rope_table(Tn, D_)
+    theta = 10000.0 ** (-torch.arange(0, D_, 2, dtype=torch.float64) / D_)               # (D/2,)
+    turn = torch.polar(torch.ones(Tn, D_ // 2, dtype=torch.float64), torch.arange(Tn)[:, None] * theta)   # (T, D/2)
+    z = torch.complex(x[..., :D_ // 2], x[..., D_ // 2:]) * turn[None, :, None, None]
+    want = torch.cat([z.real, z.imag], -1)
+    torch.testing.assert_close(D.apply_rope(x, cos, sin), want, atol=1e-5, rtol=1e-5)      # tables in float32
+    torch.testing.assert_close(D.apply_rope(x[:, :, 0], cos, sin), want[:, :, 0], atol=1e-5, rtol=1e-5)
