@@ -178,10 +178,13 @@ def in_process(c, dev):
     D.tune_backend(dev)   # as training sets it
     gen = torch.Generator().manual_seed(c.seed)
     steps = {name: (lambda window, step, run=run: train_step(*run, window, step, autocast)) for name, run in runs.items()}
-    work = tempfile.mkdtemp(prefix='bench_train_')
     if dev.type == 'cpu' and meta['vocab_size'] == c.vocab:   # the references are char models
-        steps.update({name: (lambda window, step, f=f: f(window))
-                      for name, f in reference_steps(c, s, work, s.compile).items()})
+        work = tempfile.mkdtemp(prefix='bench_train_')   # the microDLM copy: read at once, then removed
+        try:
+            steps.update({name: (lambda window, step, f=f: f(window))
+                          for name, f in reference_steps(c, s, work, s.compile).items()})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     times = {name: [] for name in steps}
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
@@ -216,7 +219,6 @@ def in_process(c, dev):
         print(f"{name:<28}{ms[name]:>10.1f}{ms[name] / floor:>9.2f}{tokens / ms[name] * 1000:>12,.0f}{mfu}"
               f"{breaks:>14}{compiles:>18}")
     ratios(ms, 'in this process')
-    shutil.rmtree(work, ignore_errors=True)
     if dev.type == 'cuda':
         print(f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
     if c.profile and dev.type == 'cpu':
