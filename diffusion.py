@@ -425,8 +425,8 @@ class Attention(nn.Module):
         self.head_dim = cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        self.q_norm = RMSNorm(self.head_dim)  # QK-norm keeps attention logits bounded
-        self.k_norm = RMSNorm(self.head_dim)
+        self.q_norm = RMSNorm(self.head_dim)  # QK-norm keeps attention logits bounded; forward applies
+        self.k_norm = RMSNorm(self.head_dim)  # both weights in one rms_norm call
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cache=None, vectorised=False):

@@ -1154,11 +1154,9 @@ def cell_plots(table, out):
         return
     diff = [c for c in table if c['objective'] != 'gpt']
     gpt = next((c for c in table if c['objective'] == 'gpt'), None)
-    groups = []                                                         # x tick labels in order
-    for c in diff:
-        g = f"block L={c['block_len']}\n{c['schedule']}" if c['block_len'] else c['schedule']
-        if g not in groups:
-            groups.append(g)
+    def group(c):   # a cell's x tick label
+        return f"block L={c['block_len']}\n{c['schedule']}" if c['block_len'] else c['schedule']
+    groups = list(dict.fromkeys(map(group, diff)))                      # in order
     colors = {'uniform': 'tab:blue', 'entropy': 'tab:orange'}
     fig, axes = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
     for ax, key, title in ((axes[0], 'nats', 'uniform-masking NELBO on validation (nats/char)'),
@@ -1166,8 +1164,7 @@ def cell_plots(table, out):
         for c in diff:
             if c[key] is None:
                 continue
-            g = f"block L={c['block_len']}\n{c['schedule']}" if c['block_len'] else c['schedule']
-            x = groups.index(g) + {'uniform': -0.12, 'entropy': 0.12}.get(c['masking'], 0)
+            x = groups.index(group(c)) + {'uniform': -0.12, 'entropy': 0.12}.get(c['masking'], 0)
             ax.errorbar(x, c[key], yerr=c[key + '_ci95'] or 0, fmt='o', capsize=4, color=colors.get(c['masking'], 'gray'),
                         label=f"{c['masking']} masking")
         if gpt and gpt[key] is not None:

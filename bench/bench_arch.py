@@ -9,16 +9,15 @@ GELU in place of ReLU²; none of the three. The ops are swapped in diffusion.py'
 (rms_norm of q and k, apply_rope, ReLUSquared) around each step, so the model code is unchanged.
 Prints the median ms/step of each and its difference from ours.
 """
+import contextlib
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import diffusion as D  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import D, time_alternating, train_step  # noqa: E402  (bench_train puts the repo on the path)
 
 # -----------------------------------------------------------------------------
 n_layer = 4                     # nanoGPT's CPU recipe
@@ -61,24 +60,20 @@ def main():
         model = D.Transformer(D.model_config(s, meta, False)).train()
         runs[name] = (model, D.make_optimizer(model, s, dev), D.DiffusionObjective(s, meta))
     own = {k: getattr(D, k) for k in ('rms_norm', 'apply_rope', 'ReLUSquared')}
-    gen = torch.Generator().manual_seed(c.seed)
-    times = {name: [] for name in runs}
-    for step in range(30 + c.steps):
-        window = torch.randint(0, meta['vocab_size'], (s.batch_size, s.block_size + 1), generator=gen)
-        for name in (list(runs) if step % 2 else list(runs)[::-1]):
-            model, opt, objective = runs[name]
-            for k, v in {**own, **VARIANTS[name]}.items():
+
+    def step_of(name):
+        def step(window, i):
+            for k, v in {**own, **VARIANTS[name]}.items():   # this variant's ops, in diffusion.py's names
                 setattr(D, k, v)
-            t0 = time.perf_counter()
-            objective.loss(model, window, step, 0).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if step >= 30:
-                times[name].append(time.perf_counter() - t0)
-    for k, v in own.items():
-        setattr(D, k, v)
-    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+            train_step(*runs[name], window, i, contextlib.nullcontext())
+        return step
+    gen = torch.Generator().manual_seed(c.seed)
+    try:
+        ms = time_alternating({name: step_of(name) for name in runs}, lambda: torch.randint(
+            0, meta['vocab_size'], (s.batch_size, s.block_size + 1), generator=gen), c.steps, 30, dev)
+    finally:
+        for k, v in own.items():
+            setattr(D, k, v)
     print(f"eager diffusion step, {c.n_layer} layers, {c.n_embd} wide, batch {c.batch_size} x block {c.block_size}, "
           f"{c.threads} thread(s); median of {c.steps} steps each, alternating")
     for name, v in ms.items():

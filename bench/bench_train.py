@@ -127,6 +127,25 @@ def train_step(model, opt, objective, window, step, autocast, mark=contextlib.nu
         opt.zero_grad(set_to_none=True)
 
 
+def time_alternating(steps, new_window, n, warmup, dev):
+    """{name: median ms} of n steps of each contender after warmup ones: steps {name: f(window, step)},
+    all on the same window at each step, in alternating order, so that every contender sees the
+    same load."""
+    times = {name: [] for name in steps}
+    for step in range(warmup + n):
+        window = new_window()
+        for name in (list(steps) if step % 2 else list(steps)[::-1]):
+            if dev.type == 'cuda':
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            steps[name](window, step)
+            if dev.type == 'cuda':
+                torch.cuda.synchronize()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
 def profile_steps(runs, windows, autocast):
     """Where an eager step's time goes, by torch.profiler: its phases, and its ops' own time by
     kind (matrix products, attention, the rest: norms, activations, RoPE, masking, the loss)."""
@@ -185,22 +204,11 @@ def in_process(c, dev):
                           for name, f in reference_steps(c, s, work, s.compile).items()})
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    times = {name: [] for name in steps}
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
-    for step in range(10 + c.steps):
-        window = D.to_device(torch.randint(0, meta['vocab_size'], (s.batch_size, s.block_size + 1), generator=gen),
-                             dev)
-        for name in (list(steps) if step % 2 else list(steps)[::-1]):
-            if dev.type == 'cuda':
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            steps[name](window, step)
-            if dev.type == 'cuda':
-                torch.cuda.synchronize()
-            if step >= 10:
-                times[name].append(time.perf_counter() - t0)
-    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    ms = time_alternating(steps, lambda: D.to_device(
+        torch.randint(0, meta['vocab_size'], (s.batch_size, s.block_size + 1), generator=gen), dev), c.steps, 10, dev)
+    window = D.to_device(torch.randint(0, meta['vocab_size'], (s.batch_size, s.block_size + 1), generator=gen), dev)
     flops = model0.flops_per_token() * tokens
     rate = matmul_rate(model0, tokens, dev)
     floor = 1000 * flops / rate
