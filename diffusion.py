@@ -7,11 +7,13 @@ diffusion.py: a masked (absorbing-state) discrete diffusion language model in on
     python diffusion.py config/char_10m.py    # or a config file of `name = value` lines
     python diffusion.py --help                # every setting, its default, range and meaning
 
-Top to bottom: settings, the settings parser (configure), the model (shared with gpt.py), the
-noise schedules, masking rules and loss weightings (one registry each), the objective, data,
-checkpoints, and one flat training loop (train) that gpt.py reuses with its own objective.
-Copy this file to change any of them: a checkpoint records the script that made it, and
-sample.py, evaluate.py and visualize.py rebuild the model and objective from that script.
+Top to bottom: settings, the model (shared with gpt.py), the noise schedules, masking rules and
+loss weightings (one registry each), the objective, the ancestral sampler, and one flat training
+loop (train) that gpt.py reuses with its own objective. Copy this file (beside it) to change any
+of them: a checkpoint records the script that made it, and sample.py, evaluate.py and
+visualize.py rebuild the model, objective and samplers from that script. The run plumbing (the
+settings parser, data, checkpoints, DDP, logs, signals) is runtime.py's: a copy imports it and
+never needs to change it.
 
 Forward process (D3PM, Austin et al. 2021; MDLM, Sahoo et al. 2024): each token survives
 with probability alpha(t), else becomes MASK. The model is trained with the continuous-time
@@ -19,28 +21,19 @@ negative ELBO (MDLM eq. 10), each masked token's cross-entropy weighted by
 -alpha'(t) / (1 - alpha(t)). SUBS parameterisation: the MASK logit is -inf, and only masked
 positions count in the loss.
 """
-import ast
 import contextlib
-import ctypes
-import difflib
-import errno
-import fcntl
 import functools
-import gc
-import hashlib
-import json
 import math
 import os
-import random
-import signal
-import sys
-import time
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from runtime import (EXIT_USAGE, ControlVariate, Run, Tokenizer, UserError, at_least, autocast_for, batch_mean,
+                     build_model, configure, in_range, load_entropy, one_of, print0, rng, run_cli, settings_of,
+                     to_device)
 
 # -----------------------------------------------------------------------------
 # settings: every lowercase global of type bool/int/float/str/None in this block is a
@@ -97,175 +90,13 @@ backend = 'auto'                # DDP backend: 'auto' (nccl on CUDA, gloo on CPU
 seed = 1337                     # base seed; DDP rank r uses seed + r for its own randomness
 # -----------------------------------------------------------------------------
 
-EXIT_USAGE = 2        # bad settings
-EXIT_DIVERGED = 3     # the loss went non-finite or exploded; the last good checkpoint is kept
-EXIT_RESUMABLE = 75   # exit code after a signal-triggered save (EX_TEMPFAIL): "run me again"
 DIFFUSION_ONLY = ('schedule', 'masking', 'entropy_file', 'loss_weighting', 't_min', 'time_cond', 'block_len')
-
-
-class UserError(Exception):
-    """A problem the user can fix; scripts print it as one line and exit with .code."""
-    def __init__(self, msg, code=1):
-        super().__init__(msg)
-        self.code = code
-
-
-def run_cli(main):
-    """Run a script's main(); a UserError becomes one line on stderr (rank 0 only under torchrun)
-    and its exit code. Matched by class name, so a copied script's UserError counts too."""
-    try:
-        main()
-    except Exception as e:
-        if not any(k.__name__ == 'UserError' for k in type(e).__mro__):
-            raise
-        if is_master():
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(getattr(e, 'code', 1))
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
-
-
-def is_master():
-    return int(os.environ.get('RANK', 0)) == 0
-
-
-def print0(*args, **kwargs):
-    """print on DDP rank 0 only."""
-    if is_master():
-        print(*args, **kwargs, flush=True)
-
-# -----------------------------------------------------------------------------
-# configuration: configure(globals()) applies config files and --key=value overrides
-
-
-class Config(dict):
-    """Resolved settings with attribute access (c.batch_size); .explicit: the keys the user set."""
-    explicit = frozenset()
-
-    def __getattr__(self, k):
-        return self[k] if k in self else object.__getattribute__(self, k)
-
-    def __setattr__(self, k, v):
-        object.__setattr__(self, k, frozenset(v)) if k == 'explicit' else self.__setitem__(k, v)
-
-
-def settings_of(g):
-    """The settings in a module's globals: lowercase names bound to bool/int/float/str/None."""
-    return {k: v for k, v in g.items() if k.islower() and not k.startswith('_') and type(v) in SETTING_TYPES}
-
-
-SETTING_TYPES = (bool, int, float, str, type(None))
 
 
 def shared_settings():
     """diffusion.py's settings minus the diffusion-only ones: gpt.py starts from these."""
     return {k: v for k, v in settings_of(globals()).items() if k not in DIFFUSION_ONLY}
 
-
-def one_of(options):  # rules: (test, text); configure checks the values given against them
-    return lambda v: v in options, 'one of ' + ', '.join(map(str, options))
-
-
-def at_least(lo, optional=False):
-    return lambda v: (optional and v is None) or (v is not None and v >= lo), f">= {lo}" + (" or None" * optional)
-
-
-def in_range(lo, hi, hi_open=False):
-    return (lambda v: lo <= v < hi if hi_open else lo <= v <= hi), f"in [{lo}, {hi}{')' if hi_open else ']'}"
-
-
-def _value(key, value, default):
-    """value (text from the command line, or a literal from a config file) as default's type."""
-    kind = type(default)
-    if isinstance(value, str) and kind not in (str, type(None)):
-        low = value.lower()
-        if kind is bool and low in ('true', '1', 'yes', 'on', 'false', '0', 'no', 'off'):
-            return low in ('true', '1', 'yes', 'on')
-        with contextlib.suppress(ValueError, SyntaxError):
-            value = float(value) if kind is not bool else value   # 1e9 is fine for an int setting
-    elif isinstance(value, str) and default is None:
-        with contextlib.suppress(ValueError, SyntaxError):
-            return ast.literal_eval(value)
-    if kind is float and type(value) in (int, float):
-        return float(value)
-    if kind is int and type(value) is float and value.is_integer():
-        return int(value)
-    if default is None or type(value) is kind:
-        return value
-    raise UserError(f"--{key}={value!r}: expected {kind.__name__} like the default {default!r}", EXIT_USAGE)
-
-
-def read_config_file(path):
-    """A config file holds `name = literal` lines only; it is parsed, never executed."""
-    try:
-        tree = ast.parse(open(path).read(), path)
-        return {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
-                if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))}   # docstrings aside
-    except OSError as e:
-        raise UserError(f"cannot read config file {path}: {e.strerror}", EXIT_USAGE) from None
-    except (SyntaxError, ValueError, AttributeError, IndexError):
-        raise UserError(f"{path}: a config file may only hold `name = value` lines (values are literals)",
-                        EXIT_USAGE) from None
-
-
-def _closest(key, keys):
-    def score(k):
-        initials = ''.join(w[0] for w in k.split('_') if w)   # lr -> learning_rate
-        return max(difflib.SequenceMatcher(None, key, k).ratio(), key == initials, 0.9 * k.startswith(key))
-    return max(sorted(keys), key=score)
-
-
-def print_help(keys, rules, sources):
-    """Every setting with its default, its rule and the comment after it in the source."""
-    doc = {}
-    for path in sources:  # the first file that comments a setting wins
-        for line in open(path):
-            name, eq, rest = line.partition('=')
-            if eq and name.strip().isidentifier() and not line[0].isspace() and '#' in rest:
-                doc.setdefault(name.strip(), rest.split('#', 1)[1].strip())
-    print(f"usage: python {os.path.basename(sys.argv[0])} [config.py ...] [--key=value ...]\n\nsettings:")
-    for k, v in keys.items():
-        print(f"  --{k}={v!r}" + (f"  [{rules[k][1]}]" if k in rules else '') + f"\n      {doc.get(k, '')}")
-
-
-def configure(g, argv=None, rules=None, sources=None, verbose=True):
-    """Override the settings in g (a script's globals(), or a dict of defaults) from config files
-    and --key=value args: types follow the defaults, values must pass rules ({name: (test, text)}),
-    an unknown key is an error naming the closest one. --help/-h lists the settings (comments
-    from sources, the files that define them) and exits 0. Updates g; returns the Config."""
-    argv = sys.argv[1:] if argv is None else argv
-    keys, rules, explicit = settings_of(g), rules or {}, []
-    if '--help' in argv or '-h' in argv:
-        print_help(keys, rules, sources or [g['__file__']])
-        sys.exit(0)
-    for arg in argv:
-        if arg.startswith('--'):
-            key, eq, value = arg[2:].partition('=')
-            items = [(key.replace('-', '_'), value if eq else None)]
-        elif arg.endswith('.py'):
-            items = read_config_file(arg).items()
-        else:
-            raise UserError(f"unexpected argument {arg!r}: use --key=value or a config file (--help lists the "
-                            "settings)", EXIT_USAGE)
-        for key, value in items:
-            if key not in keys:
-                raise UserError(f"unknown setting {key}; the closest valid one is --{_closest(key, keys)} "
-                                "(--help lists them)", EXIT_USAGE)
-            if value is None:  # --compile means --compile=true
-                if type(keys[key]) is not bool:
-                    raise UserError(f"{arg}: expected --{key}=value", EXIT_USAGE)
-                value = True
-            g[key] = _value(key, value, keys[key])
-            test, text = rules.get(key, (lambda v: True, ''))
-            if not test(g[key]):
-                raise UserError(f"--{key}={g[key]!r}: must be {text}", EXIT_USAGE)
-            explicit.append(key)
-    cfg = Config(settings_of(g))
-    cfg.explicit = explicit
-    if verbose:
-        print0('config: ' + ' '.join(f'{k}={v!r}' for k, v in cfg.items()))
-    return cfg
 
 # -----------------------------------------------------------------------------
 # the model: one transformer for both objectives; only ModelConfig.causal differs (and block_len,
@@ -691,32 +522,9 @@ def entropy_weights(ent_norm, vocab_size):
     return w
 
 
-def load_entropy(path, n_tokens):
-    """Read an entropy .npy (one value per token id of the dataset, mean 1); clear errors."""
-    if not os.path.exists(path):
-        raise UserError(f"no entropy file at {path}; make one with: python prepare.py --entropy "
-                        f"--ref=OUT_DIR_OF_A_GPT_RUN (or pass --entropy_file=PATH)")
-    try:
-        arr = np.load(path, allow_pickle=False)
-        ok = arr.ndim == 1 and np.issubdtype(arr.dtype, np.number)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read entropy file {path}: {str(e)[:100]}") from None
-    if not ok or len(arr) != n_tokens:
-        raise UserError(f"entropy file {path} holds {arr.dtype} of shape {arr.shape}; expected ({n_tokens},) "
-                        "numbers, one per token id of the dataset's vocabulary")
-    if not np.all(np.isfinite(arr)):
-        raise UserError(f"entropy file {path} holds non-finite values")
-    return arr
-
 # -----------------------------------------------------------------------------
 # forward process, loss and deterministic randomness
 
-
-def rng(*key):
-    """A torch.Generator seeded by a hash of key: randomness that is a pure function of
-    (seed, purpose, step, micro-batch), so resume and DDP need no generator state."""
-    h = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h, 'little') >> 1)
 
 
 def stratified_times(u0, start, count, total, t_min, stride=1):
@@ -808,10 +616,6 @@ def diffusion_loss(model, x, t, schedule, mask_id, gen, t_min=0.0, masking='unif
                        weighting, objective, capacity)
 
 
-def to_device(tensor, dev):
-    """Host to device without stalling the device's queue (pinned memory, non-blocking copy)."""
-    return tensor.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else tensor.to(dev)
-
 
 def head_capacity(B, T, schedule, masking, t_min):
     """How many positions of a (B, T) micro-batch get the output head: the largest expected number
@@ -825,16 +629,6 @@ def head_capacity(B, T, schedule, masking, t_min):
     return min(B * T, math.ceil(mean + 4 * math.sqrt(B * T / 4)))
 
 
-def batch_mean(values, sizes):
-    """(mean, standard error) of per-batch values (a list of 0-d tensors) weighted by their
-    sizes; the standard error from the batches' spread (nan for one batch). One sync, here."""
-    v = torch.stack(values).double().cpu()
-    w = torch.tensor(sizes, dtype=torch.float64)
-    w = w / w.sum()
-    mean, k = float((w * v).sum()), len(sizes)
-    return mean, float((w ** 2 * (v - mean) ** 2).sum() * k / (k - 1)) ** 0.5 if k > 1 else float('nan')
-
-
 def mask_count_cv(t, counts, T, t_min):
     """The control variate of the uniform-masking NELBO estimate, per sequence: (1 - t_min) x the
     sum over its times t (B, k) of w(t) x counts (B, k) / T - (1 - t_min), counts being the tokens
@@ -843,27 +637,6 @@ def mask_count_cv(t, counts, T, t_min):
     masked, which dominates the estimate at small t. Used in training (DiffusionObjective.evaluate)
     and by evaluate.py."""
     return (1 - t_min) * (counts / t).sum(1) / T - (1 - t_min)
-
-
-class ControlVariate:
-    """Estimates f - beta c with beta = cov(f, c) / var(c) fitted on the (f, c) pairs added before:
-    never on the draws it corrects, so the estimate stays unbiased and successive estimates
-    uncorrelated (Glasserman 2003, "Monte Carlo Methods in Financial Engineering", sec. 4.1).
-    Running sums n, f, c, fc, cc kept on the device (no host sync)."""
-    def __init__(self, device='cpu'):
-        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
-
-    def beta(self):
-        n, sf, sc, sfc, scc = self.sums
-        n = n.clamp(min=1)
-        var = scc - sc * sc / n
-        return torch.where(var > 0, (sfc - sf * sc / n) / var.clamp(min=1e-30), 0.0)
-
-    def correct(self, f, c):
-        """f - beta c with the beta of the pairs so far (both (B,) float64); then adds these pairs."""
-        out = f - self.beta() * c
-        self.sums += torch.stack([torch.ones_like(self.sums[0]) * len(f), f.sum(), c.sum(), (f * c).sum(), (c * c).sum()])
-        return out
 
 
 class DiffusionObjective:
@@ -1174,353 +947,6 @@ def in_window(frames, seq, a, total=0):
         changed = torch.zeros_like(seq, dtype=torch.bool)
         changed[:, a:a + xw.size(1)] = ch
         yield total + step, seq, changed
-# -----------------------------------------------------------------------------
-# data: meta.json + uint16 token files (one or many shards per split) written by prepare.py
-
-
-class Tokenizer:
-    """Character or GPT-2 BPE tokenizer described by a dataset's meta.json."""
-    def __init__(self, meta):
-        self.kind = meta['tokenizer']
-        self.n_tokens = meta['vocab_size']
-        self.mask_id = self.n_tokens
-        self.eot_id = meta.get('eot_id')
-        if self.kind == 'char':
-            self.itos = meta['chars']
-            self.stoi = {ch: i for i, ch in enumerate(self.itos)}
-        elif self.kind == 'gpt2':
-            self.enc = gpt2_encoding()
-        else:
-            raise UserError(f"unknown tokenizer {self.kind!r} in meta.json")
-
-    def encode(self, text):
-        if self.kind == 'char':
-            missing = sorted(set(text) - set(self.stoi))
-            if missing:
-                raise UserError(f"characters not in the vocabulary: {''.join(missing)!r}")
-            return [self.stoi[ch] for ch in text]
-        return self.enc.encode_ordinary(text)
-
-    def decode(self, ids, mask_str='_'):
-        """ids -> text; MASK shows as mask_str, padding ids as nothing."""
-        out, run = [], []
-        for i in (int(i) for i in ids):
-            if i < self.n_tokens:
-                run.append(i)
-                continue
-            if run:
-                out.append(self._decode(run))
-                run = []
-            if i == self.mask_id:
-                out.append(mask_str)
-        if run:
-            out.append(self._decode(run))
-        return ''.join(out)
-
-    def _decode(self, ids):
-        return ''.join(self.itos[i] for i in ids) if self.kind == 'char' else self.enc.decode(ids)
-
-
-def gpt2_encoding():
-    """tiktoken's GPT-2 BPE; offline it uses ../shared/tiktoken_cache when that exists."""
-    shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'tiktoken_cache')
-    if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(shared):
-        os.environ['TIKTOKEN_CACHE_DIR'] = shared
-    import tiktoken
-    try:
-        return tiktoken.get_encoding('gpt2')
-    except OSError as e:  # requests' connection errors are OSErrors
-        raise UserError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); without network, set "
-                        "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files") from None
-
-
-def load_meta(data_dir, dataset):
-    """A dataset's meta.json, checked to be what prepare.py writes."""
-    path = os.path.join(data_dir, dataset, 'meta.json')
-    again = f"; make it again with: python prepare.py --dataset={dataset}"
-    if not os.path.exists(path):
-        raise UserError(f"no data at {os.path.join(data_dir, dataset)}; make it with: "
-                        f"python prepare.py --dataset={dataset}")
-    try:
-        with open(path, encoding='utf-8') as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not readable JSON ({type(e).__name__}){again}") from None
-    if not (isinstance(meta, dict) and isinstance(meta.get('vocab_size'), int) and meta['vocab_size'] > 0
-            and meta.get('tokenizer') in ('char', 'gpt2') and isinstance(meta.get('splits'), dict)):
-        raise UserError(f"{path} is not a dataset description written by prepare.py{again}")
-    return meta
-
-
-def data_identity(meta):
-    """What must not change under a run: tokenizer, vocabulary and the token files' fingerprint."""
-    return {k: meta.get(k) for k in ('tokenizer', 'vocab_size', 'chars', 'fingerprint')}
-
-
-def _from_difference(a, b, width=40):
-    """a and b cut to width characters from a little before where they first differ."""
-    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    start = max(0, i - 10)
-    return tuple(('...' if start else '') + s[start:start + width] for s in (a, b))
-
-
-def check_same_data(meta, ckpt_meta, where):
-    """A one-line refusal when data prepared now differs from the data a checkpoint was made on."""
-    now, then = data_identity(meta), data_identity(ckpt_meta)
-    if then.get('fingerprint') is None or now.get('fingerprint') is None:
-        now.pop('fingerprint'), then.pop('fingerprint')  # data prepared before fingerprints existed
-    bad = [k for k in now if now[k] != then[k]]
-    if bad:
-        show = {k: _from_difference(str(then[k]), str(now[k])) for k in bad}
-        raise UserError(f"{where} was made on other data: {meta.get('dataset')} now differs in "
-                        + ', '.join(f"{k} ({a!r} then, {b!r} now)" for k, (a, b) in show.items()))
-
-
-class TokenData:
-    """One split of a dataset: uint16 shards listed in meta.json, memmapped and size-checked.
-    Batches are random windows, a pure function of the generator passed in. limit > 0: only the
-    first `limit` tokens of the split (a data-constrained run repeats them epoch after epoch)."""
-    def __init__(self, data_dir, dataset, split, meta=None, limit=0):
-        self.meta = meta or load_meta(data_dir, dataset)
-        again = f"; rerun python prepare.py --dataset={dataset}"
-        info = self.meta['splits'].get(split)
-        if info is None:
-            raise UserError(f"{dataset} has no {split} split{again}")
-        self.paths = [os.path.join(data_dir, dataset, s) for s in info['shards']]
-        self.sizes = list(info['tokens'])
-        self.dtype = np.dtype(self.meta.get('dtype', 'uint16'))
-        self.vocab = self.meta['vocab_size']
-        for path, n in zip(self.paths, self.sizes):
-            if not os.path.exists(path):
-                raise UserError(f"missing {path}{again}")
-            if os.path.getsize(path) != n * self.dtype.itemsize:
-                raise UserError(f"{path} holds {os.path.getsize(path) // self.dtype.itemsize} tokens but "
-                                f"meta.json says {n}{again}")
-        if limit:
-            if limit > sum(self.sizes):
-                raise UserError(f"--train_tokens={limit} is more than the {sum(self.sizes):,} tokens of the {split} split")
-            ends = np.cumsum([0] + self.sizes)
-            self.sizes = [int(min(n, max(limit - e, 0))) for n, e in zip(self.sizes, ends)]
-        self.tokens = sum(self.sizes)
-
-    def batch(self, batch_size, length, gen):
-        """(batch_size, length) int64 windows: a shard chosen in proportion to its windows, then
-        an offset within it. Ids outside the vocabulary are a one-line error naming the shard."""
-        counts = torch.tensor([max(n - length + 1, 0) for n in self.sizes], dtype=torch.float64)
-        if counts.sum() == 0:
-            raise UserError(f"every shard is shorter than {length} tokens; lower --block_size")
-        shard = torch.multinomial(counts, batch_size, replacement=True, generator=gen) if len(counts) > 1 \
-            else torch.zeros(batch_size, dtype=torch.long)
-        offs = (torch.rand(batch_size, generator=gen, dtype=torch.float64) * counts[shard]).long()
-        # memmaps are opened per batch, not kept (nanoGPT: a long-lived memmap grows resident memory)
-        maps = {s: np.memmap(self.paths[s], dtype=self.dtype, mode='r') for s in set(shard.tolist())}
-        rows = [maps[s][o:o + length] for s, o in zip(shard.tolist(), offs.tolist())]
-        out = torch.from_numpy(np.stack(rows).astype(np.int64))
-        if out.max() >= self.vocab:
-            s = shard[int((out >= self.vocab).any(1).nonzero()[0])]
-            raise UserError(f"{self.paths[s]} holds token id {int(out.max())}, outside the vocabulary of "
-                            f"{self.vocab}; rerun python prepare.py --dataset={self.meta.get('dataset')}")
-        return out
-
-    def windows(self, batch_size, length):
-        """Every whole window of `length` tokens of the split in order, each starting at the last
-        token of the one before (so each token is in some window's first length - 1, the part
-        diffusion sees, and GPT predicts each token once), as (<= batch_size, length) batches."""
-        for path, n in zip(self.paths, self.sizes):
-            data = np.memmap(path, dtype=self.dtype, mode='r')
-            starts = range(0, n - length + 1, length - 1)    # windows overlap by GPT's target token
-            for i in range(0, len(starts), batch_size):
-                yield torch.from_numpy(np.stack([data[o:o + length] for o in starts[i:i + batch_size]]).astype(np.int64))
-
-
-def fingerprint(data_dir, dataset, meta):
-    """A cheap fingerprint of a dataset's token files: sizes and hashes of their first and last
-    64 KiB (hashing 20 GB of FineWeb at every start would take minutes)."""
-    h = hashlib.blake2b(digest_size=8)
-    for split in sorted(meta['splits']):
-        for shard in meta['splits'][split]['shards']:
-            path = os.path.join(data_dir, dataset, shard)
-            with open(path, 'rb') as f:
-                size = os.fstat(f.fileno()).st_size
-                h.update(f"{shard}:{size}".encode() + f.read(65536))
-                f.seek(max(size - 65536, 0))
-                h.update(f.read(65536))
-    return h.hexdigest()
-
-# -----------------------------------------------------------------------------
-# checkpoints: atomic writes, weights_only loads, one-line errors, the script that made them
-
-
-def atomic_write(path, write, mode='wb'):
-    """write(f) into a temporary file, fsync, rename over path: a crash leaves the old file, and a
-    full disk or a file size limit leaves it too (the temporary file is removed; one-line error
-    with the size written and the previous file's)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save: its zip writer turns the OSError into a RuntimeError
-        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if not isinstance(e, OSError):
-            if not isinstance(e.__context__, OSError):
-                raise
-            e = e.__context__
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-        old = os.path.getsize(path) if os.path.exists(path) else 0
-        mib = lambda n: f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
-        raise UserError(f"cannot write {path}: {e.strerror}" + (
-            f" (stopped at {mib(size)}" + (f" of about {mib(old)}, the size of the previous file, which is kept"
-                                            if old else "") + "; free space there"
-            + (" or raise the file size limit (ulimit -f)" if e.errno == errno.EFBIG else "") + ")" if full else "")) from None
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-
-
-def atomic_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text, path):
-    atomic_write(path, lambda f: f.write(text), 'w')
-
-
-def remove_stale_temps(folder):
-    """Delete `*.tmp.<pid>` files of processes that no longer run (a kill -9 during a save)."""
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        pid = name.rpartition('.tmp.')[2]
-        if '.tmp.' in name and pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(folder, name))
-            except PermissionError:
-                pass  # alive, another user's
-
-
-def read_log(path, warn=True):
-    """The records of a log.jsonl; a torn last line (kill -9, full disk) is skipped with a note."""
-    recs = []
-    with contextlib.suppress(FileNotFoundError), open(path, encoding='utf-8', errors='replace') as f:
-        lines = f.read().splitlines()
-        for i, line in enumerate(lines):
-            try:
-                recs.append(json.loads(line))
-            except ValueError:
-                if warn and line.strip():
-                    print0(f"note: skipped a torn line {i + 1} of {path}")
-    return recs
-
-
-def script_info(path):
-    """What a checkpoint records of the script that made it: its path and a hash of its source."""
-    with open(path, 'rb') as f:
-        return {'path': os.path.abspath(path), 'sha256': hashlib.sha256(f.read()).hexdigest()}
-
-
-def read_checkpoint(path, device='cpu'):
-    """torch.load(weights_only=True) with one-line errors for missing, corrupt or foreign files."""
-    if os.path.isdir(path):
-        path = os.path.join(path, 'ckpt.pt')
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one with: python diffusion.py "
-                        f"--out_dir={os.path.dirname(path) or '.'} (or gpt.py)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, foreign object: all mean "not usable"
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    need = ('model', 'model_args', 'objective', 'config', 'meta', 'step')
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
-        raise UserError(f"{path} is not a checkpoint of this project (missing "
-                        f"{[k for k in need if not isinstance(ckpt, dict) or k not in ckpt]})")
-    ckpt['path'] = path
-    return ckpt
-
-
-def build_model(ckpt, path='checkpoint'):
-    """Rebuild the (uncompiled) model from the config stored in a checkpoint and load its weights."""
-    unknown = set(ckpt['model_args']) - {f.name for f in fields(ModelConfig)}
-    if unknown:
-        raise UserError(f"{path}: model config has unknown fields {sorted(unknown)}")
-    model = Transformer(ModelConfig(**ckpt['model_args']))
-    try:
-        model.load_state_dict(ckpt['model'])
-    except RuntimeError as e:
-        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)[:160]]
-        raise UserError(f"{path}: weights do not match the stored model config ({first[0][:160]})") from None
-    return model
-
-
-def rng_state():
-    s = np.random.get_state()
-    state = {'python': random.getstate(), 'torch': torch.get_rng_state(),
-             'numpy': [s[0], torch.from_numpy(s[1].astype(np.int64)), s[2], s[3], s[4]]}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
-    torch.set_rng_state(state['torch'].cpu())
-    n = state['numpy']
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'].cpu())
-# -----------------------------------------------------------------------------
-# training: the steps train() takes, each a small function, in the order it takes them
-
-PEAK_FLOPS = [  # dense bf16 FLOP/s by device-name substring, first match wins; add yours
-    ('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),
-    ('L40S', 362e12), ('L4', 121e12), ('A10G', 70e12), ('4090', 165e12), ('V100', 125e12),
-]
-
-
-def peak_flops(device):
-    if device.type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_FLOPS if key in name), None)
-
-
-def resolve_device(name, local_rank=0):
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> a torch.device that exists here, else a one-line error."""
-    if name == 'auto':
-        if torch.cuda.is_available():
-            name = f'cuda:{local_rank}'
-        elif getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-            name = 'mps'
-        else:
-            name = 'cpu'
-    elif name == 'cuda':
-        name = f'cuda:{local_rank}'
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name!r}: use auto, cpu, cuda, cuda:N or mps", EXIT_USAGE) from None
-    if dev.type == 'cuda' and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"--device={name} but that CUDA device is not available here; use --device=cpu", EXIT_USAGE)
-    if dev.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
-        raise UserError("--device=mps but MPS is not available here; use --device=cpu", EXIT_USAGE)
-    if dev.type not in ('cpu', 'cuda', 'mps'):
-        raise UserError(f"--device={name!r}: use auto, cpu, cuda, cuda:N or mps", EXIT_USAGE)
-    return dev
-
-
-def autocast_for(dev, dtype):
-    """bfloat16 autocast on CUDA by default (the loss is computed in fp32), none elsewhere."""
-    amp = {'auto': torch.bfloat16 if dev.type == 'cuda' else None, 'float32': None, 'bfloat16': torch.bfloat16}[dtype]
-    return torch.autocast(device_type=dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-
-
 RULES = {  # what each setting must be: (test, text); configure() checks the values given
     'init_from': one_of(('scratch', 'resume', 'auto')), 'eval_interval': at_least(1), 'eval_iters': at_least(0),
     'log_interval': at_least(1), 'diverge_ratio': at_least(0.0), 'batch_size': at_least(1),
@@ -1535,73 +961,11 @@ RULES = {  # what each setting must be: (test, text); configure() checks the val
 }
 
 
-def check_settings(c):
-    """Checks between settings (each alone is checked by RULES), and warnings for odd pairs."""
-    if c.n_embd % c.n_head or (c.n_embd // c.n_head) % 2:
-        raise UserError(f"--n_embd={c.n_embd} must be a multiple of --n_head={c.n_head} with an even quotient "
-                        "(the head size, for rotary embeddings)", EXIT_USAGE)
-    if c.get('block_len') and c.block_size % c.block_len:
-        raise UserError(f"--block_len={c.block_len} must divide --block_size={c.block_size} (0 or block_size: MDLM)",
-                        EXIT_USAGE)
-    decay = c.lr_decay_iters if c.lr_decay_iters is not None else c.max_iters
-    for bad, what in ((c.warmup_iters > c.max_iters, f"warmup_iters={c.warmup_iters} is longer than the run: the "
-                       "learning rate never reaches its peak"),
-                      (c.eval_interval > c.max_iters > 0, f"eval_interval={c.eval_interval} > max_iters: validation "
-                       "runs only at the start and the end"),
-                      (decay < c.max_iters, f"lr_decay_iters={decay} < max_iters: the last "
-                       f"{c.max_iters - decay} steps run at min_lr")):
-        if bad:
-            print0(f"warning: {what}")
-
-
 def default_out_dir(c, objective):
     if objective == 'diffusion':
         blocks = f"-block{c.block_len}" if block_len_of(c.get('block_len', 0), c.block_size) else ''
         return os.path.join('out', f'diffusion-{c.dataset}-{c.schedule}-{c.masking}{blocks}')
     return os.path.join('out', f'{objective}-{c.dataset}')
-
-
-def lock_run(out_dir):
-    """One run per out_dir: an exclusive lock on out_dir/lock, held until the process ends (the OS
-    drops it however the process ends, so a killed run never blocks the next)."""
-    os.makedirs(out_dir, exist_ok=True)
-    f = open(os.path.join(out_dir, 'lock'), 'a+')
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or '?'
-        f.close()
-        raise UserError(f"{out_dir} is in use by another run (pid {holder}); wait for it, or choose another "
-                        "--out_dir", EXIT_USAGE) from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
-def start_or_resume(c, objective_name):
-    """(settings, checkpoint or None). Resuming takes the checkpoint's settings, updated by those
-    set explicitly now; the model, data and objective cannot change under a resumed run."""
-    path = os.path.join(c.out_dir, 'ckpt.pt')
-    mode = c.init_from if c.init_from != 'auto' else ('resume' if os.path.exists(path) else 'scratch')
-    if mode == 'scratch':
-        if os.path.exists(path):
-            raise UserError(f"{c.out_dir} already holds a run; continue it with --init_from=resume, or "
-                            "choose another --out_dir (or delete that folder)", EXIT_USAGE)
-        return c, None
-    ckpt = read_checkpoint(path)
-    if ckpt['objective'] != objective_name:
-        raise UserError(f"{path} holds a {ckpt['objective']} run; resume it with {ckpt['objective']}.py")
-    merged = Config(ckpt['config'])
-    fixed = {f.name for f in fields(ModelConfig)} | {'dataset', 'schedule', 'masking', 'loss_weighting'}
-    for k in sorted(c.explicit):
-        if k in fixed and k in merged and merged[k] != c[k]:
-            raise UserError(f"--{k}={c[k]!r} differs from the checkpoint's {merged[k]!r}; a resumed run "
-                            "keeps its model and objective (start a new --out_dir instead)", EXIT_USAGE)
-    merged.update({k: v for k, v in c.items() if k in c.explicit or k not in merged})
-    merged.explicit = c.explicit
-    return merged, ckpt
 
 
 def model_config(c, meta, causal):
@@ -1632,98 +996,9 @@ def make_optimizer(model, c, device):
     return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2), **extra)
 
 
-def restore(ckpt, optimizer, c, rank, world):
-    """Seed this rank, then restore the optimizer, the loop counters and every RNG from a
-    checkpoint. Returns (step, best_val, evaluated_at)."""
-    torch.manual_seed(c.seed + rank)  # per-rank randomness (dropout)
-    random.seed(c.seed + rank)
-    np.random.seed(c.seed + rank)
-    if ckpt is None:
-        return 0, float('inf'), -1
-    optimizer.load_state_dict(ckpt['optimizer'])
-    states = ckpt.get('rng', [])
-    if len(states) == world:
-        set_rng_state(states[rank])
-    else:
-        print0(f"note: checkpoint has RNG state for {len(states)} processes, this run has {world}; reseeded")
-    return ckpt['step'], ckpt.get('best_val_loss', float('inf')), ckpt.get('evaluated_at', -1)
-
-
-def open_log(out_dir, step, cfg):
-    """log.jsonl without the lines written after the checkpoint (a crash), plus a start record."""
-    path = os.path.join(out_dir, 'log.jsonl')
-    keep = [r for r in read_log(path) if r.get('step', 0) <= step]
-    atomic_write_text(''.join(json.dumps(r) + '\n' for r in keep + [{'step': step, 'event': 'start',
-                                                                        'config': dict(cfg)}]), path)
-    return path
-
-
-def write_status(out_dir, status, step, max_iters):
-    atomic_write_text(json.dumps({'status': status, 'step': step, 'max_iters': max_iters}) + '\n',
-                      os.path.join(out_dir, 'status.json'))
-
-
-def save_checkpoint(path, raw_model, optimizer, model_cfg, objective_name, cfg, meta, script, loop, states):
-    """Everything needed to continue exactly: weights, optimizer, settings, data identity, the
-    script that trained it, the loop counters and every rank's RNG state. Atomic."""
-    atomic_save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                 'model_args': asdict(model_cfg), 'objective': objective_name, 'config': dict(cfg), 'meta': meta,
-                 'script': script, 'step': loop['step'], 'best_val_loss': loop['best_val'],
-                 'evaluated_at': loop['evaluated_at'], 'rng': states,
-                 'data': {'sampler': 'random windows keyed by (seed, step, micro)', 'seed': cfg['seed']}}, path)
-
-
-def keep_best(ckpt_path):
-    """best.pt: a hard link to the checkpoint just written (no copy; ckpt.pt is later replaced by a
-    rename, so best.pt keeps these bytes). Atomic like every file of a run."""
-    best = os.path.join(os.path.dirname(ckpt_path), 'best.pt')
-    tmp = f"{best}.tmp.{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-    try:
-        os.link(ckpt_path, tmp)
-    except OSError:  # a filesystem without hard links
-        with open(ckpt_path, 'rb') as f:
-            data = f.read()
-        atomic_write(best, lambda out: out.write(data))
-        return
-    os.replace(tmp, best)
-
-
-def finite_weights(model):
-    return all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def shutdown_ddp(dist):
-    """Leave DDP cleanly: wait for every rank, collect the DDP wrapper the caller has just
-    dropped (its reducer holds gloo/NCCL work objects, and a gloo worker thread destroying one
-    during interpreter shutdown aborts the process), then destroy the group."""
-    dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
-
-
-def fmt_time(s):
-    """Seconds as 4m05s or 2h07m (log lines' ETA; prepare.py and sample.py use it too)."""
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def tune_backend(dev):
-    """Settings that change speed, not results. CUDA: TF32 matmuls where fp32 remains. CPU under
-    glibc (Linux): freed memory stays in the heap (mallopt) instead of going back to the OS, so
-    each step's big activations reuse mapped pages instead of page-faulting fresh ones (hundreds of
-    faults a step): 1.5-2.5 ms of a 57 ms step at nanoGPT's CPU recipe size, measured process
-    against process. bench/bench_train.py times every contender of ours with it set."""
-    if dev.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    elif dev.type == 'cpu' and sys.platform.startswith('linux'):
-        try:
-            libc = ctypes.CDLL(None)
-            libc.mallopt(-1, 1 << 30)      # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
-            libc.mallopt(-3, 32 << 20)     # M_MMAP_THRESHOLD: blocks under 32 MiB from the heap, not mmap
-        except (OSError, AttributeError):  # another C library: its own policy
-            pass
+# -----------------------------------------------------------------------------
+# training: one flat loop, nanoGPT's shape; the run's plumbing (DDP, the run folder, resume,
+# checkpoints, logs, signals, divergence) sits behind the short calls on `run` (runtime.Run)
 
 
 def train(c, Objective, script):
@@ -1731,223 +1006,69 @@ def train(c, Objective, script):
     here, GPTObjective in gpt.py); script is the training script's path, recorded in checkpoints.
     Exits with EXIT_RESUMABLE after a SIGUSR1/SIGTERM/Ctrl-C-triggered save, raises UserError
     (EXIT_DIVERGED) when the loss diverges, returns the model when max_iters is reached."""
-    # ---- processes and devices: DDP from torchrun's environment ----
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
-    master = rank == 0
-    dev = resolve_device(c.device, local_rank)
-    if ddp:
-        import torch.distributed as dist
-        if dev.type == 'cuda':
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend=c.backend if c.backend != 'auto' else ('nccl' if dev.type == 'cuda' else 'gloo'))
-
-    # ---- where the run lives: lock it, then start or resume ----
-    explicit = c.explicit
-    c = Config(c, out_dir=c.out_dir or default_out_dir(c, Objective.name))
-    c.explicit = explicit
-    out_dir, ckpt_path = c.out_dir, os.path.join(c.out_dir, 'ckpt.pt')
-    lock = lock_run(out_dir) if master else None
-    if master:
-        remove_stale_temps(out_dir)
-    c, ckpt = start_or_resume(c, Objective.name)
-    print0('config: ' + ' '.join(f'{k}={v!r}' for k, v in c.items()))   # after a resume: the run's own
-    check_settings(c)
-    c.gradient_accumulation_steps = c.gradient_accumulation_steps or world   # the global batch: G micro-batches
-    if c.gradient_accumulation_steps % world:
-        raise UserError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} is not a multiple of "
-                        f"the {world} DDP processes", EXIT_USAGE)
-    micro_per_rank = c.gradient_accumulation_steps // world
-
-    # ---- data, model, objective, optimizer ----
-    meta = load_meta(c.data_dir, c.dataset)
-    train_data = TokenData(c.data_dir, c.dataset, 'train', meta, limit=c.train_tokens)
-    val_data = TokenData(c.data_dir, c.dataset, 'val', meta)
-    meta = dict(meta, fingerprint=fingerprint(c.data_dir, c.dataset, meta))
-    if ckpt is not None:
-        check_same_data(meta, ckpt['meta'], ckpt_path)
-    model_cfg = model_config(c, meta, Objective.causal)
+    # ---- set up: processes, the run folder (locked; started or resumed), data, model, optimizer ----
+    run = Run(c, Objective.name, script, default_out_dir(c, Objective.name))
+    c, dev, ckpt = run.c, run.dev, run.ckpt
+    model_cfg = model_config(c, run.meta, Objective.causal)
     torch.manual_seed(c.seed)  # identical initial weights on every rank
-    raw_model = (Transformer(model_cfg) if ckpt is None else build_model(ckpt, ckpt_path)).to(dev)
-    objective = Objective(c, meta)
+    raw_model = (Transformer(model_cfg) if ckpt is None else
+                 build_model(ckpt, ModelConfig, Transformer, run.ckpt_path)).to(dev)
+    objective = Objective(c, run.meta)
     optimizer = make_optimizer(raw_model, c, dev)
-    step, best_val, evaluated_at = restore(ckpt, optimizer, c, rank, world)
-    model = raw_model   # with --compile the objective compiles its loss, the model's forward included
-    tune_backend(dev)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if dev.type == 'cuda' else None)
+    step = run.restore(optimizer)   # seeds this rank; a resumed run's optimizer, counters and RNG
+    model = run.start(raw_model, optimizer, model_cfg, step)   # the DDP wrapper under torchrun
     autocast = autocast_for(dev, c.dtype)
-    script = script_info(script)
-
-    tokens_per_step = c.batch_size * c.block_size * c.gradient_accumulation_steps
-    peak, flops_per_step = peak_flops(dev), raw_model.flops_per_token() * tokens_per_step
-    print0(f"{Objective.name}: {raw_model.num_params() / 1e6:.2f}M parameters, {world} process(es) on {dev}, "
-           f"{tokens_per_step:,} tokens/step, out_dir={out_dir}, starting at step {step}")
-    log_path = open_log(out_dir, step, c) if master else None
-    wandb = None
-    if c.wandb_log and master:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--wandb_log=true needs the wandb package: pip install wandb") from None
-        wandb.init(project=c.wandb_project, name=c.wandb_run_name or os.path.basename(os.path.abspath(out_dir)),
-                   config=dict(c))
-
-    def log(record):
-        if master:
-            with open(log_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-            if wandb is not None:
-                wandb.log(record, step=record['step'])
-
-    saved = [ckpt['step'] if ckpt else None]   # the step ckpt.pt holds
-
-    def save(status):
-        states = [rng_state()]
-        if ddp:
-            states = [None] * world
-            dist.all_gather_object(states, rng_state())
-        if master:
-            save_checkpoint(ckpt_path, raw_model, optimizer, model_cfg, Objective.name, c, meta, script,
-                            {'step': step, 'best_val': best_val, 'evaluated_at': evaluated_at}, states)
-            write_status(out_dir, status, step, c.max_iters)
-        saved[0] = step
-        if ddp:
-            dist.barrier()
-
-    def diverged(what):
-        if master:
-            write_status(out_dir, 'diverged', step, c.max_iters)
-            log({'step': step, 'event': 'diverged', 'why': what})
-        kept = f"{ckpt_path} keeps step {saved[0]}" if saved[0] is not None else "no checkpoint was saved"
-        raise UserError(f"step {step}: {what}; the run diverged and stopped ({kept}; lower --learning_rate)",
-                        EXIT_DIVERGED)
-
-    # ---- signals: finish the current step, save, exit EXIT_RESUMABLE; a second Ctrl-C stops at once ----
-    stop = {'signal': None}
-
-    def on_signal(signum, frame):
-        if signum == signal.SIGINT and stop['signal'] == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop['signal'] = signum
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
-
-    def stop_requested():
-        """One process: the flag, no device sync. DDP: every rank agrees before anyone saves,
-        through an all-reduce (a sync), so only at log steps."""
-        if not ddp:
-            return stop['signal'] is not None
-        if step % c.log_interval and step < c.max_iters:
-            return False
-        flag = torch.tensor([1.0 if stop['signal'] else 0.0], device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+    micro_per_rank = run.micro_per_rank
 
     # ---- the loop ----
     model.train()
-    t_last, steps_since, loss_acc = time.time(), 0, torch.zeros((), device=dev)
-    warned_se = False
-    try:
+    loss_sum = torch.zeros((), device=dev)   # the training loss, summed on the device: no sync per step
+    with run.signals():   # a signal sets a flag: the step finishes, then run.stop_requested saves
         while True:
-            if (step % c.eval_interval == 0 or step >= c.max_iters) and evaluated_at != step:
+            # evaluate and save: every eval_interval steps and at the end
+            if (step % c.eval_interval == 0 or step >= c.max_iters) and run.evaluated_at != step:
                 model.eval()
-                t_eval = time.time()
-                windows = (val_data.windows(c.batch_size, c.block_size + 1) if c.eval_iters == 0 else
-                           (val_data.batch(c.batch_size, c.block_size + 1, rng(c.seed, 'val', i)) for i in range(c.eval_iters)))
+                windows = (run.val_data.windows(c.batch_size, c.block_size + 1) if c.eval_iters == 0 else
+                           (run.val_data.batch(c.batch_size, c.block_size + 1, rng(c.seed, 'val', i))
+                            for i in range(c.eval_iters)))
                 with autocast:
                     metrics = objective.evaluate(raw_model, (w.to(dev) for w in windows))
                 model.train()
-                key = 'val_nelbo' if 'val_nelbo' in metrics else 'val_loss'
-                val, se = metrics[key], metrics.get(key + '_se', math.nan)
-                metrics['epoch'] = step * tokens_per_step / train_data.tokens
-                print0(f"step {step} (epoch {metrics['epoch']:.2f}): " + ', '.join(
-                    f'{k} {v:.4f}' + (f' (se {metrics[k + "_se"]:.4f})' if k + '_se' in metrics else '')
-                    for k, v in metrics.items() if not k.endswith('_se') and k != 'epoch'))
-                if se > 0.01 * val and not warned_se:
-                    print0(f"warning: the standard error of {key} is {100 * se / val:.1f}% of it; raise --eval_iters "
-                           "(0 = the whole validation split) for a steadier value")
-                    warned_se = True
-                if not math.isfinite(val) or not finite_weights(raw_model):
-                    diverged(f"validation loss {val}" if not math.isfinite(val) else "non-finite weights")
-                if c.diverge_ratio and val > c.diverge_ratio * best_val:
-                    diverged(f"validation loss {val:.4f} is over {c.diverge_ratio:g}x the best {best_val:.4f}")
-                evaluated_at, improved = step, val < best_val
-                best_val = min(best_val, val)
-                log({'step': step, 'loss': metrics['val_loss'], **metrics})
-                save('finished' if step >= c.max_iters else 'running')
-                if improved and master:
-                    keep_best(ckpt_path)
-                t_last += time.time() - t_eval   # ms/step counts training steps only
-            if stop_requested():
-                if not finite_weights(raw_model):  # never save what diverged since the last evaluation
-                    diverged("non-finite weights")
-                save('interrupted')
-                print0(f"signal {stop['signal'] or 'on another rank'}: saved step {step} to {ckpt_path}; "
-                       f"exiting {EXIT_RESUMABLE} (rerun with --init_from=resume to continue)")
-                if ddp:
-                    model = None  # release the DDP wrapper before its process group
-                    shutdown_ddp(dist)
-                sys.exit(EXIT_RESUMABLE)
-            if step >= c.max_iters:
+                run.evaluated(step, metrics)   # prints, checks divergence, logs, saves ckpt.pt (and best.pt)
+            if run.stop_requested(step) or step >= c.max_iters:
                 break
+            # one optimizer step over the global batch: micro-batch g of gradient_accumulation_steps,
+            # each a random window keyed by (seed, step, g), so resume and DDP need no sampler state
             lr = lr_at(step, c)
             for group in optimizer.param_groups:
                 group['lr'] = lr
             for micro in range(micro_per_rank):
-                g = rank * micro_per_rank + micro   # this micro-batch's place in the global batch
-                window = train_data.batch(c.batch_size, c.block_size + 1, rng(c.seed, 'data', step, g))
-                window = window.pin_memory().to(dev, non_blocking=True) if dev.type == 'cuda' else window.to(dev)
-                sync = model.no_sync() if ddp and micro < micro_per_rank - 1 else contextlib.nullcontext()
+                g = run.rank * micro_per_rank + micro   # this micro-batch's place in the global batch
+                window = to_device(run.train_data.batch(c.batch_size, c.block_size + 1, rng(c.seed, 'data', step, g)),
+                                   dev)
+                sync = model.no_sync() if run.ddp and micro < micro_per_rank - 1 else contextlib.nullcontext()
                 with sync:
                     with autocast:
                         loss = objective.loss(model, window, step, g)
                     (loss / micro_per_rank).backward()
-                loss_acc += loss.detach().float() / micro_per_rank   # on the device: no sync per step
+                loss_sum += loss.detach().float() / micro_per_rank
             if c.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), c.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            steps_since += 1
+            # log
             if step % c.log_interval == 0 or step == c.max_iters:
-                train_loss = (loss_acc / steps_since).reshape(1)
-                if ddp:
-                    dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-                train_loss = train_loss.item()
-                dt = (time.time() - t_last) / steps_since
-                rec = {'step': step, 'loss': train_loss, 'lr': lr, 'ms_per_step': 1000 * dt,
-                       'tokens_per_s': tokens_per_step / dt}
-                line = (f"step {step}/{c.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {1000 * dt:.1f} ms/step | "
-                        f"{rec['tokens_per_s']:,.0f} tok/s")
-                if peak:
-                    rec['mfu'] = flops_per_step / dt / world / peak
-                    line += f" | mfu {100 * rec['mfu']:.1f}%"
-                print0(line + f" | eta {fmt_time((c.max_iters - step) * dt)}")
-                if not math.isfinite(train_loss):
-                    diverged(f"training loss {train_loss}")
-                log(rec)
-                t_last, steps_since, loss_acc = time.time(), 0, torch.zeros((), device=dev)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now; say so, the checkpoint is the last save
-        if master:
-            write_status(out_dir, 'stopped', saved[0] if saved[0] is not None else 0, c.max_iters)
-        raise
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+                run.logged(step, lr, loss_sum)   # mean loss since the last line, ms/step, MFU, ETA
+                loss_sum = torch.zeros((), device=dev)
 
-    if master and c.sample_at_end:
+    if run.master and c.sample_at_end and not run.interrupted:
         print0('-' * 60)
-        print0(objective.sample(raw_model.eval(), Tokenizer(meta)))
+        print0(objective.sample(raw_model.eval(), Tokenizer(run.meta)))
         print0('-' * 60)
-        print0(f"more samples: python sample.py --out_dir={out_dir}")
-    if ddp:
-        model = None  # release the DDP wrapper before its process group
-        shutdown_ddp(dist)
-    if wandb is not None:
-        wandb.finish()
-    if lock is not None:
-        lock.close()
+        print0(f"more samples: python sample.py --out_dir={run.out_dir}")
+    model = None   # release the DDP wrapper before its process group (run.close)
+    run.close()    # after a signal: exits EXIT_RESUMABLE
     return raw_model
 
 

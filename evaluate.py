@@ -1,6 +1,8 @@
 """
 evaluate.py: one yardstick for every checkpoint. Likelihood with its uncertainty, sample
-quality, the micro-dLLM seed's validation block, and a comparison table across runs.
+quality, the micro-dLLM seed's validation block, and a comparison across runs. The reporting
+across runs lives in report.py: --compare's table and plots, study.py's tables, and the statistics
+of results (Student's t, confidence intervals over samples and seeds) that this file uses too.
 
     python evaluate.py --out_dir=out/diffusion-shakespeare_char-linear-uniform
     python evaluate.py --out_dir=RUN --ref=out/gpt-shakespeare_char --json=eval.json
@@ -53,7 +55,6 @@ import importlib.util
 import json as jsonlib  # `json` is a setting (--json=PATH)
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -62,10 +63,11 @@ import torch
 import torch.nn.functional as F
 
 import sample
-from diffusion import (EXIT_USAGE, ControlVariate, Schedule, TokenData, Tokenizer, UserError, at_least,
-                       atomic_write_text, autocast_for, check_same_data, configure, fingerprint, in_range, load_meta,
-                       mask_count_cv, mask_uniform, masked_ce, one_of, read_checkpoint, read_log, resolve_device, rng, run_cli,
-                       settings_of, stratified_times)
+from diffusion import Schedule, mask_count_cv, mask_uniform, masked_ce, stratified_times
+from runtime import (EXIT_USAGE, ControlVariate, TokenData, Tokenizer, UserError, at_least, autocast_for,
+                     check_same_data, ckpt_file, configure, fingerprint, in_range, load_meta, one_of, read_checkpoint,
+                     resolve_device, rng, run_cli, settings_of)
+from report import sample_ppl_ci, t975, training_log, write_compare, write_json
 
 # -----------------------------------------------------------------------------
 out_dir = ''                    # run folder holding ckpt.pt (diffusion or GPT)
@@ -90,6 +92,7 @@ top_k = 0                       # keep the k most likely tokens when sampling; 0
 top_p = 1.0                     # nucleus sampling mass; 1.0 = all
 mauve = True                    # MAUVE when mauve-text is installed and --ref is given
 json = ''                       # also write every figure to this path ('' = only <out_dir>/eval.json)
+script = ''                     # .py files you trust to rebuild the checkpoints (comma-separated): see sample.py --help
 compare = ''                    # comma-separated run folders or globs: compare them (also: --compare DIR1 DIR2 ...)
 report_dir = ''                 # where --compare writes compare.md/.json/.png; '' = out/compare
 recompute = False               # --compare: evaluate again even when a run's eval.json is current
@@ -106,53 +109,11 @@ LINEAR = Schedule('linear')     # alpha(t) = 1 - t: uniform masking at rate t, N
 EVAL_KEYS = ('data_dir', 'split', 'max_tokens', 'batch_size', 'passes', 't_min', 'control_variate', 'discrete',
              'curve_points', 'curve_tokens', 'wikitext', 'ref', 'num_samples', 'sample_seeds', 'sampler', 'steps',
              'temperature', 'top_k', 'top_p', 'mauve', 'dtype', 'seed', *SAMPLER_OPTIONS)
-Z975 = 1.959963984540054
 HERE = os.path.dirname(os.path.abspath(__file__))
 GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'distilgpt2')
 
 # -----------------------------------------------------------------------------
-# statistics
-
-
-def incomplete_beta(a, b, x):
-    """The regularised incomplete beta function I_x(a, b), by its continued fraction (modified
-    Lentz; Press et al., Numerical Recipes, sec. 6.4), to double precision."""
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side only
-        return 1 - incomplete_beta(b, a, 1 - x)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
-    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
-    for i in range(400):
-        m = i // 2
-        num = 1.0 if i == 0 else (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)) if i % 2 == 0 else
-                                  -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)))
-        d = 1 + num * d
-        d = 1 / (d if abs(d) > tiny else tiny)
-        c = 1 + num / c
-        c = c if abs(c) > tiny else tiny
-        f *= c * d
-        if abs(1 - c * d) < 1e-15:
-            break
-    return front * (f - 1)
-
-
-def t975(df):
-    """97.5% quantile of Student's t with df (any real > 0) degrees of freedom, exact: the t
-    with P(T > t) = 0.025 = I_{df / (df + t^2)}(df / 2, 1 / 2) / 2, by bisection (12.706 at df 1,
-    4.303 at df 2, 1.960 as df -> infinity)."""
-    if not math.isfinite(df):
-        return Z975
-    df = max(df, 1e-3)
-    lo, hi = Z975, 4.0
-    while incomplete_beta(df / 2, 0.5, df / (df + hi * hi)) > 0.05:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if incomplete_beta(df / 2, 0.5, df / (df + mid * mid)) > 0.05 else (lo, mid)
-        if hi - lo < 1e-12 * hi:
-            break
-    return (lo + hi) / 2
+# statistics: the Monte Carlo error of one estimate (Student's t itself is report.t975)
 
 
 def combine(est, tokens):
@@ -171,14 +132,6 @@ def combine(est, tokens):
     var = float(a.sum())
     df = var ** 2 / float((a ** 2).sum() / (P - 1)) if var > 0 else math.inf
     return mean, math.sqrt(var), df
-
-
-def sample_ppl_ci(nats):
-    """Perplexity exp(mean) of per-sample mean NLLs (equal lengths) with its 95% CI, Student's t
-    over the samples: {'ppl', 'lo', 'hi', 'rel_ci95' (half-width / ppl, on the log scale), 'n'}."""
-    n, m = len(nats), float(np.mean(nats))
-    h = t975(n - 1) * float(np.std(nats, ddof=1)) / math.sqrt(n) if n > 1 else math.inf
-    return {'ppl': math.exp(m), 'lo': math.exp(m - h), 'hi': math.exp(m + h), 'rel_ci95': math.expm1(h), 'n': n}
 
 
 def summarize(est, tokens, seconds, estimator, char):
@@ -242,7 +195,7 @@ def random_k_mask(k, L, gen):
     return keys.argsort(1).argsort(1) < k[:, None]
 
 
-def continuous_batch(model, x, gen_t, gen_mask, t_min):
+def continuous_batch(model, x, gen_t, gen_mask, t_min, ce=masked_ce):
     """Continuous-time NELBO under uniform masking, per sequence, in nats/token: (f, c), both (n,).
 
     f is diffusion_loss's estimate with the linear schedule: t stratified in [t_min, 1), each
@@ -254,7 +207,7 @@ def continuous_batch(model, x, gen_t, gen_mask, t_min):
     u0 = torch.rand((), generator=gen_t, dtype=torch.float64)
     t = stratified_times(u0, 0, n, n, t_min)                               # (n,) in [t_min, 1)
     mask = torch.rand(x.shape, generator=gen_mask, dtype=torch.float64) < mask_uniform(x, LINEAR.alpha(t), None)
-    ce = masked_ce(model, x, mask.to(x.device), model.cfg.mask_id, t.float().to(x.device))   # (n,)
+    ce = ce(model, x, mask.to(x.device), model.cfg.mask_id, t.float().to(x.device))   # (n,)
     w = (1 - t_min) * LINEAR.weight(t)                                     # (n,) float64 on the CPU
     f = w.to(x.device) * ce.double() / L
     return f, mask_count_cv(t[:, None], mask.sum(1, keepdim=True), L, t_min).to(x.device)
@@ -266,7 +219,7 @@ def block_times(u0, n, nb, t_min):
     return stratified_times(u0, 0, n * nb, n * nb, t_min).view(nb, n).t().reshape(-1)
 
 
-def block_continuous_batch(model, x, gen_t, gen_mask, t_min):
+def block_continuous_batch(model, x, gen_t, gen_mask, t_min, ce=masked_ce):
     """continuous_batch for a block model (BD3-LM): (f, c), both (n,). One t per block, each token
     masked with probability its block's t, each block's masked CE given the clean blocks before
     it (the vectorised pass), weighted (1 - t_min) / t and summed over the blocks / L: the
@@ -277,13 +230,13 @@ def block_continuous_batch(model, x, gen_t, gen_mask, t_min):
     t = block_times(u0, n, L // B, t_min)                                  # (n * nb,) in [t_min, 1)
     p = mask_uniform(x.reshape(-1, B), LINEAR.alpha(t), None).reshape(n, L)
     mask = torch.rand(x.shape, generator=gen_mask, dtype=torch.float64) < p
-    ce = masked_ce(model, x, mask.to(x.device), model.cfg.mask_id, p.float().to(x.device), block_len=B)  # (n * nb,)
+    ce = ce(model, x, mask.to(x.device), model.cfg.mask_id, p.float().to(x.device), block_len=B)  # (n * nb,)
     w = (1 - t_min) * LINEAR.weight(t)                                     # (n * nb,) float64 on the CPU
     f = (w.to(x.device) * ce.double()).view(n, -1).sum(1) / L
     return f, mask_count_cv(t.view(n, -1), mask.reshape(n, -1, B).sum(2), L, t_min).to(x.device)
 
 
-def block_discrete_batch(model, x, gen_t, gen_mask, t_min=None):
+def block_discrete_batch(model, x, gen_t, gen_mask, t_min=None, ce=masked_ce):
     """discrete_batch for a block model: k ~ U{1..B} per block (stratified over the batch's
     blocks), exactly k of its B positions masked, (B / k) x its summed CE, summed over the blocks
     / L. At B = 1 this is the exact autoregressive NLL. (f, None)."""
@@ -293,11 +246,11 @@ def block_discrete_batch(model, x, gen_t, gen_mask, t_min=None):
     k = (block_times(u0, n, L // B, 0.0) * B).long().clamp(max=B - 1) + 1   # (n * nb,) in 1..B
     mask = random_k_mask(k, B, gen_mask).reshape(n, L).to(x.device)
     rate = (k.float() / B).repeat_interleave(B).view(n, L).to(x.device)
-    ce = masked_ce(model, x, mask, model.cfg.mask_id, rate, block_len=B)   # (n * nb,)
+    ce = ce(model, x, mask, model.cfg.mask_id, rate, block_len=B)   # (n * nb,)
     return (B / k.to(x.device) * ce.double()).view(n, -1).sum(1) / L, None
 
 
-def discrete_batch(model, x, gen_t, gen_mask, t_min=None):
+def discrete_batch(model, x, gen_t, gen_mask, t_min=None, ce=masked_ce):
     """Discrete any-order bound per sequence (nats/token): k ~ U{1..L} stratified, exactly k
     positions masked, (L / k) x summed CE / L = the mean CE of the k masked tokens. (f, None)."""
     n, L = x.shape
@@ -305,15 +258,16 @@ def discrete_batch(model, x, gen_t, gen_mask, t_min=None):
     u = stratified_times(u0, 0, n, n, 0.0)                                 # (n,) in [0, 1)
     k = (u * L).long().clamp(max=L - 1) + 1                                # (n,) in 1..L
     mask = random_k_mask(k, L, gen_mask).to(x.device)
-    ce = masked_ce(model, x, mask, model.cfg.mask_id, (k.float() / L).to(x.device))
+    ce = ce(model, x, mask, model.cfg.mask_id, (k.float() / L).to(x.device))
     return ce.double() / k.to(x.device), None
 
 
 @torch.no_grad()
 def monte_carlo(model, x, batch_fn, passes, batch_size, seed, t_min, control_variate=True,
-                autocast=contextlib.nullcontext()):
+                autocast=contextlib.nullcontext(), ce=masked_ce):
     """Run batch_fn over x (N, L) clean tokens `passes` times with independent randomness keyed
     by (seed, estimator, pass, batch). Returns (est (nb, passes), tokens (nb,), seconds, beta).
+    ce: the masked cross-entropy of the run's own script (a copy's edit included).
 
     With control_variate, and when batch_fn returns a control variate c (mean 0), the estimate
     is f - beta c with beta = cov(f, c) / var(c) over a pilot batch (its own randomness, not
@@ -330,7 +284,7 @@ def monte_carlo(model, x, batch_fn, passes, batch_size, seed, t_min, control_var
     if control_variate:
         with autocast:
             f, c = batch_fn(model, x[:batch_size].to(dev), rng(seed, batch_fn.__name__, 't', 'pilot'),
-                            rng(seed, batch_fn.__name__, 'mask', 'pilot'), t_min)
+                            rng(seed, batch_fn.__name__, 'mask', 'pilot'), t_min, ce)
         if c is not None:
             cv.correct(f, c)
     for p in range(passes):
@@ -338,7 +292,7 @@ def monte_carlo(model, x, batch_fn, passes, batch_size, seed, t_min, control_var
             xb = x[b * batch_size:(b + 1) * batch_size].to(dev)
             with autocast:
                 f, c = batch_fn(model, xb, rng(seed, batch_fn.__name__, 't', p, b),
-                                rng(seed, batch_fn.__name__, 'mask', p, b), t_min)
+                                rng(seed, batch_fn.__name__, 'mask', p, b), t_min, ce)
             if c is not None and control_variate:
                 est[b, p] = cv.correct(f, c).mean().item()
             else:
@@ -405,8 +359,9 @@ def mask_rate_curve(model, x, points, batch_size, seed, autocast=contextlib.null
     return out
 
 
-def likelihood(model, objective, w, c, char, autocast=contextlib.nullcontext(), curve=True):
-    """Every likelihood figure of one model on windows w (N, L + 1); see the module docstring."""
+def likelihood(model, objective, w, c, char, autocast=contextlib.nullcontext(), curve=True, ce=masked_ce):
+    """Every likelihood figure of one model on windows w (N, L + 1); see the module docstring.
+    ce: the run's script's masked_ce (Run.ops.masked_ce)."""
     res = {'windows': len(w), 'window_tokens': w.size(1) - 1}
     if objective == 'gpt':
         est, tokens, dt = gpt_exact(model, w, c.batch_size, autocast)
@@ -423,7 +378,7 @@ def likelihood(model, objective, w, c, char, autocast=contextlib.nullcontext(), 
                          ('discrete', block_discrete_batch if B else discrete_batch, c.discrete)):
         if on:
             est, tokens, dt, beta = monte_carlo(model, x, fn, c.passes, c.batch_size, c.seed, c.t_min,
-                                                c.control_variate and name == 'continuous', autocast)
+                                                c.control_variate and name == 'continuous', autocast, ce)
             res[name] = summarize(est, tokens, dt, name, char)
             if name == 'continuous':
                 res[name].update(t_min=c.t_min, control_variate=c.control_variate, beta=beta)
@@ -486,9 +441,9 @@ class RefModel:
         return nll, counts, np.stack(feats)
 
 
-def gpt_ref(path, device, autocast):
+def gpt_ref(path, device, autocast, trust=()):
     """A gpt.py run as the reference; its final-norm output (a forward hook) gives features."""
-    run = sample.load_run(path, device)
+    run = sample.load_run(path, device, trust=trust)
     model, ckpt = run.model, run.ckpt
     if ckpt['objective'] != 'gpt':
         raise UserError(f"--ref={path} holds a {ckpt['objective']} run; the reference must be autoregressive "
@@ -539,11 +494,12 @@ def hf_ref(name, device):
                     same_vocab, device)
 
 
-def load_ref(spec, device, autocast):
+def load_ref(spec, device, autocast, trust=()):
+    """The reference model --ref names; trust: the --script files (sample.trusted_script)."""
     if not spec:
         return None
     if os.path.isdir(spec) or spec.endswith('.pt'):
-        return gpt_ref(spec, device, autocast)
+        return gpt_ref(spec, device, autocast, trust)
     if spec in GPT2_NAMES or spec.startswith('hf:'):
         return hf_ref(spec, device)
     raise UserError(f"--ref={spec!r}: not a run folder; use a gpt.py run folder, gpt2[-medium|-large|-xl], "
@@ -587,7 +543,7 @@ def sampler_name(c):
 
 
 @torch.no_grad()
-def run_sampler(model, objective, n, num, seed, c, tokenizer, schedule):
+def run_sampler(model, objective, n, num, seed, c, tokenizer, schedule, script=None):
     """num samples of n tokens through sample.frames (sample i seeded seed + i). Returns tokens
     (num, n), the prompt stripped, and the reverse process's statistics: per step, the fraction
     of positions whose token changed, and of those that changed from one real token to another
@@ -599,7 +555,8 @@ def run_sampler(model, objective, n, num, seed, c, tokenizer, schedule):
     t0 = time.time()
     for _, x, _ in sample.frames(model, objective, prompt, n, num_samples=num, sampler=sampler_name(c),
                                  steps=c.steps, temperature=c.temperature, top_k=c.top_k,
-                                 top_p=c.top_p, seed=seed, stats=stats, schedule=schedule, **opts):
+                                 top_p=c.top_p, seed=seed, stats=stats, schedule=schedule, script=script,
+                                 **opts):
         if objective == 'diffusion':
             before = prev if prev is not None else torch.full_like(x, mask_id)
             changed = x != before                                      # (num, n)
@@ -611,7 +568,7 @@ def run_sampler(model, objective, n, num, seed, c, tokenizer, schedule):
                                       'change_rate_per_step': change, 'revision_rate_per_step': revise}
 
 
-def sample_quality(model, objective, meta, data, ref, c, schedule=None):
+def sample_quality(model, objective, meta, data, ref, c, schedule=None, script=None):
     """Sample quality averaged over sample_seeds seeds; the same text figures for length-matched
     validation windows ('data') as the yardstick."""
     tok = Tokenizer(meta)
@@ -630,7 +587,7 @@ def sample_quality(model, objective, meta, data, ref, c, schedule=None):
         res['mauve_features'] = f"final hidden state at the last token, {ref.name}"
     for s in range(c.sample_seeds):
         sd = c.seed + s * c.num_samples       # sample i of the batch uses sd + i: no seed twice
-        toks, info = run_sampler(model, objective, n, c.num_samples, sd, c, tok, schedule)
+        toks, info = run_sampler(model, objective, n, c.num_samples, sd, c, tok, schedule, script)
         refs = data.batch(c.num_samples, n, rng(c.seed, 'refs', s))       # (num, n) real text
         rec = {'seed': sd, 'nfe': info['nfe'], 'seconds': info['seconds'], 'tokens_per_s': info['tokens_per_s'],
                'samples': text_stats(toks.tolist()), 'data': text_stats(refs.tolist())}
@@ -695,44 +652,23 @@ def seed_block(lik, samples):
 # one run
 
 
-def training_log(run_dir):
-    """Training-time records of log.jsonl: train loss and validation curves, last values."""
-    out = {'train': [], 'val': []}
-    for rec in read_log(os.path.join(run_dir, 'log.jsonl'), warn=False):
-        if 'val_loss' in rec:
-            out['val'].append({k: rec[k] for k in ('step', 'epoch', 'val_loss', 'val_nelbo', 'val_loss_se', 'val_nelbo_se')
-                               if k in rec})
-        elif 'loss' in rec and 'event' not in rec:
-            out['train'].append({'step': rec['step'], 'loss': rec['loss']})
-    if out['val']:
-        last = out['val'][-1]
-        out['last_val_loss'] = last.get('val_loss')
-        out['last_val_nelbo'] = last.get('val_nelbo')
-        out['last_val_nelbo_se'] = last.get('val_nelbo_se')
-        out['last_val_step'] = last.get('step')
-    return out
+def eval_json(path):
+    """Where a checkpoint's figures are kept: RUN/eval.json for RUN/ckpt.pt (a run folder), and
+    RUN/eval-best.json for RUN/best.pt (any other checkpoint file: eval-<its name>.json)."""
+    f = ckpt_file(path)
+    stem = os.path.splitext(os.path.basename(f))[0]
+    return os.path.join(os.path.dirname(f) or '.', 'eval.json' if stem == 'ckpt' else f'eval-{stem}.json')
 
 
-def write_json(obj, path):
-    """Strict JSON (readable by any parser): infinite or NaN figures become null."""
-    def clean(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-    atomic_write_text(jsonlib.dumps(clean(obj), indent=1, allow_nan=False) + '\n', path)
-
-
-def evaluate_run(run_dir, c, log=print):
-    """Every figure for one run folder; writes <run_dir>/eval.json. c: the settings (a dict)."""
-    if run_dir.endswith('.pt'):  # a checkpoint file: its folder is the run
-        run_dir = os.path.dirname(run_dir) or '.'
+def evaluate_run(run_path, c, log=print):
+    """Every figure for one checkpoint: a run folder (its ckpt.pt) or a checkpoint file of one
+    (RUN/best.pt); writes eval_json(run_path). c: the settings (a dict)."""
+    ckpt_path = ckpt_file(run_path)
+    run_dir = os.path.dirname(ckpt_path) or '.'
     dev = resolve_device(c.device)
     autocast = autocast_for(dev, c.dtype)
-    run = sample.load_run(run_dir, dev)
+    trust = sample.trust_list(c.script)
+    run = sample.load_run(ckpt_path, dev, trust=trust)
     model, ckpt, path = run.model, run.ckpt, run.ckpt['path']
     objective, meta, cfg = ckpt['objective'], ckpt['meta'], ckpt['config']
     char = meta['tokenizer'] == 'char'
@@ -742,7 +678,7 @@ def evaluate_run(run_dir, c, log=print):
     check_same_data(dict(dmeta, fingerprint=fingerprint(ddir, cfg['dataset'], dmeta)), meta, path)
     data = TokenData(ddir, cfg['dataset'], c.split, dmeta)
     res = {'run': os.path.abspath(run_dir), 'objective': objective, 'ckpt_step': ckpt['step'],
-           'ckpt_mtime': os.path.getmtime(os.path.join(run_dir, 'ckpt.pt')),
+           'checkpoint': os.path.abspath(ckpt_path), 'ckpt_mtime': os.path.getmtime(ckpt_path),
            'schedule': cfg.get('schedule') if objective == 'diffusion' else None,
            'masking': cfg.get('masking') if objective == 'diffusion' else None,
            'block_len': sample.model_block_len(model),
@@ -752,9 +688,10 @@ def evaluate_run(run_dir, c, log=print):
     log(f"evaluating {run_dir}: {objective}, step {ckpt['step']}, {model.num_params() / 1e6:.2f}M parameters, "
         f"on {dev}")
     want_samples = c.num_samples > 0 and c.sample_seeds > 0
-    ref_model = load_ref(c.ref, dev, autocast) if want_samples else None   # fail early on a bad --ref
+    ref_model = load_ref(c.ref, dev, autocast, trust) if want_samples else None   # fail early on a bad --ref
     w = split_windows(data, L, c.max_tokens)
-    res['likelihood'] = likelihood(model, objective, w, c, char, autocast)
+    ce = run.ops.masked_ce   # the run's script's own (a copy's edit included)
+    res['likelihood'] = likelihood(model, objective, w, c, char, autocast, ce=ce)
     res['likelihood'].update(split=c.split, data=os.path.join(ddir, cfg['dataset']))
     # zero-shot WikiText-2 for BPE models
     if c.wikitext and meta['tokenizer'] == 'gpt2':
@@ -765,7 +702,7 @@ def evaluate_run(run_dir, c, log=print):
             wsplit = 'test' if 'test' in wmeta.get('splits', {}) else 'val'
             wdata = TokenData(ddir, 'wikitext2', wsplit, wmeta)
             res['wikitext2'] = likelihood(model, objective, split_windows(wdata, L, c.max_tokens), c, False,
-                                          autocast, curve=False)
+                                          autocast, curve=False, ce=ce)
             res['wikitext2']['split'] = wsplit
         else:
             res['notes'].append(f"WikiText-2 skipped: not prepared at {os.path.join(ddir, 'wikitext2')} "
@@ -775,12 +712,13 @@ def evaluate_run(run_dir, c, log=print):
     # sample quality and the seed's validation block
     samples = None
     if want_samples:
-        samples = sample_quality(model, objective, meta, data, ref_model, c, getattr(run.objective, 'schedule', None))
+        samples = sample_quality(model, objective, meta, data, ref_model, c, getattr(run.objective, 'schedule', None),
+                                 run.script)
         res['samples'] = samples
     if objective == 'diffusion':
         res['seed_block'] = seed_block(res['likelihood'], samples)
     res['training'] = {k: v for k, v in training_log(run_dir).items() if k not in ('train', 'val')}
-    write_json(res, os.path.join(run_dir, 'eval.json'))
+    write_json(res, eval_json(ckpt_path))
     return res
 
 # -----------------------------------------------------------------------------
@@ -896,7 +834,7 @@ def compare_dirs(spec):
     dirs = []
     for item in filter(None, (s.strip() for s in spec.split(','))):
         hits = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-        hits = [h for h in hits if os.path.exists(os.path.join(h, 'ckpt.pt'))]
+        hits = [h for h in hits if os.path.exists(ckpt_file(h))]
         if not hits:
             raise UserError(f"--compare: no run folder with a ckpt.pt at {item!r}")
         dirs += [h for h in hits if h not in dirs]
@@ -914,330 +852,17 @@ def cached_or_evaluate(run_dir, c, explicit, log=print):
                 res = None
         step = read_checkpoint(run_dir)['step']
         if res and 'likelihood' in res and res.get('ckpt_step') == step and \
-                res.get('ckpt_mtime') == os.path.getmtime(os.path.join(run_dir, 'ckpt.pt')) and all(
+                res.get('ckpt_mtime') == os.path.getmtime(ckpt_file(run_dir)) and all(
                 res.get('settings', {}).get(k) == c[k] for k in explicit if k in EVAL_KEYS):
             log(f"{run_dir}: using eval.json of {res.get('time')} (step {step})")
             return res
     return evaluate_run(run_dir, c, log)
 
 
-def row_of(res):
-    lik = res['likelihood']
-    e = lik[lik['headline']]
-    s = res.get('samples') or {}
-    m, sd = s.get('mean', {}), s.get('sd', {})
-    wt = res.get('wikitext2')
-    tr = res.get('training', {})
-    return {'run': os.path.basename(res['run'].rstrip('/')), 'path': res['run'], 'objective': res['objective'],
-            'schedule': res.get('schedule') or '-', 'masking': res.get('masking') or '-',
-            'block_len': res.get('block_len') or 0, 'step': res['ckpt_step'],
-            'params': res['params'], 'estimator': lik['headline'], 'nats': e['nats'], 'ci95': e['ci95'],
-            'bits': e['bits'], 'bits_unit': e['bits_unit'], 'ppl': e['ppl'], 'ppl_lo': e['ppl_lo'],
-            'ppl_hi': e['ppl_hi'],
-            'discrete_ppl': lik['discrete']['ppl'] if 'discrete' in lik else None,
-            'wikitext2_ppl': wt[wt['headline']]['ppl'] if wt else None,
-            'gen_ppl': m.get('samples_gen_ppl'), 'gen_ppl_sd': sd.get('samples_gen_ppl'),
-            'gen_ppl_rel_ci95': (s.get('gen_ppl_ci') or {}).get('rel_ci95'),
-            'gen_nats': [x for r in s.get('per_seed', []) for x in r['samples'].get('nats_per_sample', [])],
-            'final_fill': (res.get('settings') or {}).get('final_fill'),
-            'entropy': m.get('samples_entropy'), 'data_entropy': m.get('data_entropy'),
-            'mauve': m.get('mauve'), 'mauve_sd': sd.get('mauve'), 'reference': s.get('reference'),
-            'val_loss': tr.get('last_val_loss'), 'val_nelbo': tr.get('last_val_nelbo'),
-            'val_nelbo_se': tr.get('last_val_nelbo_se')}
-
-
-def fmt(v, spec='.3f', sd=None):
-    if v is None:
-        return '-'
-    return f"{v:{spec}}" + (f" ± {sd:{spec}}" if sd is not None else '')
-
-
-def md_table(head, rows, notes=()):
-    """A markdown table (head: column names; rows: lists of cell texts) and its notes as a list."""
-    out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
-    return '\n'.join(out) + '\n\n' + '\n'.join(f"- {n}" for n in notes) + '\n'
-
-
-def pyplot(log=print):
-    """matplotlib.pyplot without a display, or None (and a note) when matplotlib is absent."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("no plots: matplotlib is not installed (pip install matplotlib)")
-        return None
-    return plt
-
-
-def markdown_table(rows):
-    head = ['run', 'objective', 'schedule', 'masking', 'step', 'NELBO/NLL nats/token (95% CI)', 'PPL [95% CI]',
-            'discrete PPL', 'WikiText-2 PPL', 'gen PPL', 'entropy', 'MAUVE', 'val_loss (log)', 'val_nelbo (log)']
-    out = []
-    for r in rows:
-        kind = f"block diffusion L={r['block_len']}" if r.get('block_len') else r['objective']
-        cells = [r['run'], kind, r['schedule'], r['masking'], str(r['step']),
-                 f"{r['nats']:.4f} ± {r['ci95']:.4f}" + (' (exact)' if r['estimator'] == 'exact' else ''),
-                 f"{r['ppl']:.3f} [{r['ppl_lo']:.3f}, {r['ppl_hi']:.3f}]", fmt(r['discrete_ppl']),
-                 fmt(r['wikitext2_ppl'], '.2f'), fmt(r['gen_ppl'], '.2f', r['gen_ppl_sd']), fmt(r['entropy']),
-                 fmt(r['mauve'], '.3f', r['mauve_sd']), fmt(r['val_loss'], '.4f'), fmt(r['val_nelbo'], '.4f')]
-        out.append(cells)
-    refs = sorted({r['reference'] for r in rows if r['reference']})
-    notes = ["NELBO: uniform-masking bound (continuous t) for diffusion runs (block diffusion: its own bound, uniform "
-             "masking within each block given the text before it), exact NLL for GPT runs, on the same "
-             "tokens of each run's validation split; the CI is Monte Carlo error. val_loss/val_nelbo: the "
-             "training log's own last estimates (val_loss follows each run's schedule and masking: not comparable)."]
-    if refs:
-        notes.append("gen PPL and MAUVE features under: " + '; '.join(refs) +
-                     (" -- WARNING: runs were scored under different references" if len(refs) > 1 else ''))
-    return md_table(head, out, notes)
-
-
-def plots(rows, report, log=print):
-    """loss_curves.png (training log) and nelbo_by_schedule.png; skipped without matplotlib."""
-    plt = pyplot(log)
-    if plt is None:
-        return []
-    made = []
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in rows:
-        tr = training_log(r['path'])
-        if tr['train']:
-            ax1.plot([p['step'] for p in tr['train']], [p['loss'] for p in tr['train']], label=r['run'], lw=1)
-        if tr['val']:
-            line, = ax2.plot([p['step'] for p in tr['val']], [p['val_loss'] for p in tr['val']], marker='.',
-                             label=f"{r['run']} val_loss")
-            nel = [(p['step'], p['val_nelbo']) for p in tr['val'] if 'val_nelbo' in p]
-            if nel:
-                ax2.plot(*zip(*nel), ls='--', color=line.get_color(), label=f"{r['run']} val_nelbo (uniform)")
-    ax1.set(title='training loss (each run its own objective)', xlabel='step', ylabel='nats/token')
-    ax2.set(title='validation during training', xlabel='step', ylabel='nats/token')
-    for ax in (ax1, ax2):
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(report, 'loss_curves.png')
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    made.append(path)
-    order = sorted(rows, key=lambda r: (r['objective'] != 'gpt', r['schedule'], r['masking'], r['run']))
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(order) + 2), 4.5))
-    colors = {'uniform': 'tab:blue', 'entropy': 'tab:orange', '-': 'tab:gray'}
-    for i, r in enumerate(order):  # points, not bars: the axis is zoomed to the differences
-        ax.errorbar(i, r['nats'], yerr=r['ci95'], fmt='o', color=colors.get(r['masking'], 'tab:green'), capsize=5,
-                    label=(r['masking'] if r['objective'] == 'diffusion' else 'GPT (exact NLL)'))
-    handles, labels = ax.get_legend_handles_labels()
-    keep = {lab: h for h, lab in zip(handles, labels)}
-    ax.legend(keep.values(), keep.keys(), fontsize=8, title='masking', title_fontsize=8)
-    ax.set_xticks(range(len(order)), [f"{r['schedule'] if r['objective'] != 'gpt' else 'GPT'}\n{r['masking']}\n"
-                                      f"{r['run']}" for r in order], fontsize=7)
-    lo = min(r['nats'] - r['ci95'] for r in order)
-    hi = max(r['nats'] + r['ci95'] for r in order)
-    ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-3)), hi + 0.15 * (hi - lo + 1e-3))
-    ax.set(title='uniform-masking NELBO (GPT: exact NLL), 95% CI', ylabel='nats/token')
-    ax.set_xlim(-0.6, len(order) - 0.4)
-    fig.tight_layout()
-    path = os.path.join(report, 'nelbo_by_schedule.png')
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    made.append(path)
-    return made
-
-
-def coverage(name):
-    """The range of mask rates [1 - alpha(0), 1 - alpha(1)] a schedule trains on; the NELBO as
-    trained is a bound on the likelihood only where this is [0, 1] (see README, The math)."""
-    s = Schedule(name)
-    a = s.alpha(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist()
-    return 1 - a[0], 1 - a[1]
-
-
-def mean_sd(values):
-    v = [x for x in values if x is not None]
-    if not v:
-        return None, None
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
-
-
-def seed_ci(values):
-    """(mean, half-width of its 95% CI over seeds by Student's t with n - 1 df); CI None for one value."""
-    mean, sd = mean_sd(values)
-    n = sum(x is not None for x in values)
-    return mean, (t975(n - 1) * sd / math.sqrt(n) if n > 1 else None)
-
-
-CELL_KEYS = ('nats', 'ppl', 'val_loss', 'val_nelbo', 'gen_ppl', 'entropy', 'data_entropy', 'mauve')
-
-
-def summarise_cells(dirs, out):
-    """study.py's table (study.md, study.json) and its plots (cells.png, cell_curves.png): the runs'
-    eval.json grouped by (objective, block length, schedule, masking), mean and 95% CI over seeds."""
-    rows = []
-    for d in dirs:
-        with open(os.path.join(d, 'eval.json')) as f:
-            rows.append(row_of(jsonlib.load(f)))
-    cells = {}
-    for r in rows:
-        cells.setdefault((r['objective'], r.get('block_len') or 0, r['schedule'], r['masking']), []).append(r)
-    table = []
-    order = sorted(cells.items(), key=lambda kv: (kv[0][0] != 'gpt', kv[0][1] == 0, kv[0][1], kv[0][2], kv[0][3]))
-    for (obj, block_len, sched, mask), rs in order:   # GPT, block diffusion by block length, then MDLM
-        cell = {'objective': obj, 'block_len': block_len, 'schedule': sched, 'masking': mask, 'seeds': len(rs),
-                'runs': [r['run'] for r in rs], 'paths': [r['path'] for r in rs]}
-        if obj == 'diffusion':
-            lo, hi = coverage(sched)
-            cell['mask_rates_trained'] = [lo, hi]
-            cell['bound_as_trained'] = mask == 'uniform' and lo < 1e-9 and hi > 0.999 and not block_len
-        for k in CELL_KEYS:
-            cell[k], cell[k + '_ci95'] = seed_ci([r[k] for r in rs])
-            cell[k + '_sd'] = mean_sd([r[k] for r in rs])[1]
-        cell['nelbo_ci95_mean'] = statistics.fmean(r['ci95'] for r in rs)
-        nats = [x for r in rs for x in r['gen_nats']]
-        cell['gen_ppl_pooled'] = sample_ppl_ci(nats) if nats else None   # all the cell's samples: sampling error only
-        cell['final_fill'] = sorted({str(r['final_fill']) for r in rs})
-        table.append(cell)
-    write_json({'cells': table, 'unit': rows[0]['bits_unit'] if rows else None}, os.path.join(out, 'study.json'))
-
-    def f(c, k, spec='.3f'):
-        return '-' if c[k] is None else f"{c[k]:{spec}}" + (f" ± {c[k + '_ci95']:{spec}}" if c[k + '_ci95'] is not None else '')
-    head = ['model', 'schedule', 'masking', 'mask rates trained', 'bound as trained?', 'seeds',
-            'uniform NELBO / NLL (nats/char)', 'PPL', 'val_loss in training log', 'val_nelbo in training log',
-            'gen PPL', 'gen PPL, all samples [95% CI]', 'sample entropy']
-    cells_md = []
-    for c in table:
-        gpt = c['objective'] == 'gpt'
-        pooled = c['gen_ppl_pooled']
-        cells_md.append([
-            'GPT' if gpt else f"block diffusion L={c['block_len']}" if c['block_len'] else 'diffusion', c['schedule'],
-            c['masking'],
-            '-' if gpt else f"[{c['mask_rates_trained'][0]:.4f}, {c['mask_rates_trained'][1]:.4f}]",
-            'exact NLL' if gpt else ('yes' if c['bound_as_trained'] else 'no'), str(c['seeds']),
-            f(c, 'nats', '.4f'), f(c, 'ppl'), f(c, 'val_loss', '.4f'), '-' if gpt else f(c, 'val_nelbo', '.4f'),
-            f(c, 'gen_ppl', '.2f'),
-            '-' if not pooled else f"{pooled['ppl']:.2f} [{pooled['lo']:.2f}, {pooled['hi']:.2f}] "
-                                   f"(±{100 * pooled['rel_ci95']:.1f}%)",
-            f(c, 'entropy')])
-    data_entropy = mean_sd([c['data_entropy'] for c in table])[0]
-    fills = sorted({x for c in table if c['objective'] != 'gpt' for x in c['final_fill']})
-    rel_se = sorted(r['val_nelbo_se'] / r['val_nelbo'] for r in rows if r.get('val_nelbo_se') and r['val_nelbo'])
-    n_samples = [pooled['n'] for c in table if (pooled := c['gen_ppl_pooled'])]
-    notes = [
-        'mean ± half-width of the 95% CI over seeds (Student\'s t with seeds - 1 degrees of freedom: 4.30 x sd / '
-        'sqrt(3) for 3 seeds). "uniform NELBO": evaluate.py\'s uniform-masking bound on the '
-        'validation split for every diffusion run (the fair yardstick; its Monte Carlo 95% CI averages '
-        f"{statistics.fmean(c['nelbo_ci95_mean'] for c in table):.4f} nats); for block diffusion the same bound "
-        'within each block, the text before it as context; exact NLL for GPT.',
-        '"val_loss in training log": each run\'s own objective (its schedule, masking and weighting) at the '
-        'last evaluation; "val_nelbo in training log": the uniform bound estimated by the training loop '
-        '(stratified times, control variate)' + (
-            f"; its standard error per run: median {100 * rel_se[len(rel_se) // 2]:.2f}% of the value, "
-            f"{100 * rel_se[0]:.2f}-{100 * rel_se[-1]:.2f}%, and a cell's mean over {table[-1]['seeds']} seeds "
-            f"about 1/sqrt({table[-1]['seeds']}) of that" if rel_se else '') + '.',
-        'gen PPL: samples of block_size tokens scored by the seed-0 GPT baseline; read it next to the entropy '
-        + (f'(validation text: {data_entropy:.3f})' if data_entropy is not None else '') + '. "all samples": the '
-        f"cell's {min(n_samples, default=0)}+ samples pooled, so its CI is sampling error only (the seeds' "
-        'spread is in the column before). Masks left at t = 0 by schedules with alpha(0) < 1 were filled by: '
-        f"{', '.join(fills) or '-'} (sample.py --final_fill).",
-    ]
-    md = md_table(head, cells_md, notes)
-    atomic_write_text(md, os.path.join(out, 'study.md'))
-    cell_plots(table, out)
-    print(md)
-
-
-def cell_plots(table, out):
-    """cells.png: the uniform NELBO and gen PPL of every cell, a point and its 95% CI over seeds,
-    grouped by schedule, uniform and entropy masking side by side, GPT a reference line; and
-    cell_curves.png: val_nelbo (GPT: val_loss) during training, mean and 95% band per cell."""
-    plt = pyplot(print)
-    if plt is None:
-        return
-    diff = [c for c in table if c['objective'] != 'gpt']
-    gpt = next((c for c in table if c['objective'] == 'gpt'), None)
-    def group(c):   # a cell's x tick label
-        return f"block L={c['block_len']}\n{c['schedule']}" if c['block_len'] else c['schedule']
-    groups = list(dict.fromkeys(map(group, diff)))                      # in order
-    colors = {'uniform': 'tab:blue', 'entropy': 'tab:orange'}
-    fig, axes = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
-    for ax, key, title in ((axes[0], 'nats', 'uniform-masking NELBO on validation (nats/char)'),
-                           (axes[1], 'gen_ppl', 'generative perplexity of samples (GPT seed-0 judge)')):
-        for c in diff:
-            if c[key] is None:
-                continue
-            x = groups.index(group(c)) + {'uniform': -0.12, 'entropy': 0.12}.get(c['masking'], 0)
-            ax.errorbar(x, c[key], yerr=c[key + '_ci95'] or 0, fmt='o', capsize=4, color=colors.get(c['masking'], 'gray'),
-                        label=f"{c['masking']} masking")
-        if gpt and gpt[key] is not None:
-            ax.axhline(gpt[key], color='black', ls='--', lw=1, label=f"GPT {gpt[key]:.3g} ({'exact NLL' if key == 'nats' else 'its own samples'})")
-            if gpt[key + '_ci95']:
-                ax.axhspan(gpt[key] - gpt[key + '_ci95'], gpt[key] + gpt[key + '_ci95'], color='black', alpha=0.08, lw=0)
-        handles, labels = ax.get_legend_handles_labels()
-        keep = dict(zip(labels, handles))
-        ax.legend(keep.values(), keep.keys(), loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8)
-        ax.set(title=title + ': mean and 95% CI over seeds')
-        ax.grid(alpha=0.3, axis='y')
-    axes[1].set_xticks(range(len(groups)), groups, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, 'cells.png'), dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    palette = plt.get_cmap('tab10').colors
-    scheds = sorted({c['schedule'] for c in diff if not c['block_len']})
-    for ax, masking in zip(axes, ('uniform', 'entropy')):
-        for c in table:
-            if c['objective'] == 'diffusion' and c['masking'] != masking:
-                continue
-            curves = []
-            for p in c['paths']:
-                tr = training_log(p)
-                curves.append([(q['step'], q.get('val_nelbo', q['val_loss'])) for q in tr['val']])
-            n = min(map(len, curves)) if curves else 0
-            if not n:
-                continue
-            steps = [curves[0][i][0] for i in range(n)]
-            pts = [seed_ci([cv[i][1] for cv in curves]) for i in range(n)]
-            mean = [m for m, _ in pts]
-            h = [ci or 0.0 for _, ci in pts]
-            if c['objective'] == 'gpt':
-                color, ls, label = 'black', '--', 'GPT (val_loss, exact NLL)'
-            elif c['block_len']:
-                lens = sorted({b['block_len'] for b in diff if b['block_len']})
-                color, ls = ('dimgray', 'silver', 'gray')[lens.index(c['block_len']) % 3], ':'
-                label = f"block diffusion L={c['block_len']} {c['schedule']}"
-            else:
-                color, ls, label = palette[scheds.index(c['schedule']) % 10], '-', c['schedule']
-            ax.plot(steps, mean, color=color, ls=ls, label=label)
-            ax.fill_between(steps, [m - e for m, e in zip(mean, h)], [m + e for m, e in zip(mean, h)], color=color,
-                            alpha=0.15, lw=0)
-        ax.set(title=f'{masking} masking: val_nelbo in the training log', xlabel='step')
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel('nats/char (mean, 95% band over seeds)')
-    lo = min((c['val_nelbo'] or c['val_loss'] or 9) for c in table)
-    axes[0].set_ylim(lo - 0.15, lo + 1.2)
-    legend = {}
-    for ax in axes:  # both panels' lines in one legend (block diffusion is in the uniform one only)
-        legend.update((lab, h) for h, lab in zip(*ax.get_legend_handles_labels()))
-    axes[1].legend(legend.values(), legend.keys(), loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, 'cell_curves.png'), dpi=110)
-    plt.close(fig)
-
-
 def run_compare(c, explicit, log=print):
-    dirs = compare_dirs(c.compare)
-    results = [cached_or_evaluate(d, c, explicit, log) for d in dirs]
-    rows = [row_of(r) for r in results]
-    report = c.report_dir or os.path.join('out', 'compare')
-    os.makedirs(report, exist_ok=True)
-    table = markdown_table(rows)
-    atomic_write_text(table, os.path.join(report, 'compare.md'))
-    made = plots(rows, report, log) if c.compare_plots else []
-    write_json({'rows': rows, 'results': results, 'plots': made}, os.path.join(report, 'compare.json'))
-    log(table)
-    log(f"wrote {os.path.join(report, 'compare.md')}, compare.json" + (', ' + ', '.join(map(os.path.basename, made))
-                                                                      if made else ''))
-    return rows
+    """--compare: every run evaluated (or its current eval.json reused), then report.py's table and plots."""
+    results = [cached_or_evaluate(d, c, explicit, log) for d in compare_dirs(c.compare)]
+    return write_compare(results, c.report_dir or os.path.join('out', 'compare'), c.compare_plots, log)
 
 
 RULES = {'split': one_of(('train', 'val', 'test')), 'max_tokens': at_least(0), 'batch_size': at_least(1),

@@ -4,9 +4,10 @@ gpt.py: the autoregressive baseline, the same transformer as diffusion.py by con
     python gpt.py                                   # same settings and files as diffusion.py
     python gpt.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
 
-Everything (model, settings parser, data, optimizer, DDP, bf16, compile, checkpoints,
-signal-based resume, logging) is imported from diffusion.py. This file holds only what
-differs, the five differences listed in the README:
+Everything else is imported: the model, optimizer and training loop from diffusion.py, and
+through it the run plumbing of runtime.py (settings parser, data, DDP, bf16, compile,
+checkpoints, signal-based resume, logging). This file holds only what differs, the five
+differences listed in the README:
   1. no MASK token in the input (its embedding row exists, unused, so parameter counts match)
   2. causal attention                        -> GPTObjective.causal (ModelConfig.causal)
   3. next-token cross-entropy                -> GPTObjective.loss
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import diffusion
-from diffusion import Config, KVCache, batch_mean, build_model, configure, filter_logits, run_cli, settings_of, train  # noqa: F401 (sample.load_run)
+from diffusion import KVCache, filter_logits, train
+from runtime import batch_mean, configure, run_cli
 
 # settings: diffusion.py's, less its diffusion block, with these defaults changed
 DEFAULTS = dict(diffusion.shared_settings(), out_dir='')   # out_dir '' = out/gpt-<dataset>

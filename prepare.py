@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from diffusion import EXIT_RESUMABLE, UserError, atomic_write_text, configure, fmt_time, gpt2_encoding, one_of, run_cli
+from runtime import EXIT_RESUMABLE, UserError, atomic_write_text, configure, fmt_time, gpt2_encoding, one_of, run_cli
 
 # -----------------------------------------------------------------------------
 dataset = 'shakespeare_char'    # which dataset to prepare: shakespeare_char | shakespeare | fineweb_edu | tinystories | wikitext2
@@ -68,6 +68,7 @@ entropy = False                 # write data/<dataset>/entropy.npy instead of pr
 ref = ''                        # reference causal LM: a gpt.py out_dir (or its ckpt.pt), or hf:NAME_OR_DIR for GPT-2 through transformers (local weights only)
 entropy_tokens = 0              # target tokens scored (>= 0), in evenly spaced windows over the train split; 0 = the whole split
 batch_size = 8                  # windows per forward pass for --entropy (>= 1)
+script = ''                     # --entropy: .py files you trust to rebuild --ref (comma-separated): see sample.py --help
 device = 'auto'                 # --entropy: 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 # -----------------------------------------------------------------------------
 
@@ -771,11 +772,12 @@ def _raise_interrupt(signum, frame):
 # per-token-id entropy of a reference causal LM, for --masking=entropy
 
 
-def load_reference(ref_path, meta, dev):
+def load_reference(ref_path, meta, dev, script=''):
     """(logits function (B, T) -> (B, T, >= vocab), block size, description) of the reference LM:
     evaluate.py's reference loader (a gpt.py run, or hf:NAME through transformers)."""
     from evaluate import load_ref
-    ref = load_ref(ref_path, dev, contextlib.nullcontext())
+    from sample import trust_list
+    ref = load_ref(ref_path, dev, contextlib.nullcontext(), trust_list(script))
     if not ref.same_vocab(meta):
         raise UserError(f"--ref={ref_path} ({ref.name}) does not use the vocabulary of {meta['dataset']} "
                         f"({meta['tokenizer']}, {meta['vocab_size']} tokens): the vocabularies must match")
@@ -802,13 +804,13 @@ def make_entropy(c):
     over all scored positions (so its occurrence-weighted mean is 1; unseen ids get 1)."""
     import torch
     import torch.nn.functional as F
-    from diffusion import TokenData, Tokenizer, load_meta, resolve_device
+    from runtime import TokenData, Tokenizer, load_meta, resolve_device
     if not c.ref:
         raise UserError("--entropy needs --ref=OUT_DIR_OF_A_GPT_RUN (or hf:gpt2 with transformers)")
     meta = load_meta(c.data_dir, c.dataset)
     data = TokenData(c.data_dir, c.dataset, 'train', meta)      # checks every shard's size
     dev = resolve_device(c.device)
-    logits_fn, block, about = load_reference(c.ref, meta, dev)
+    logits_fn, block, about = load_reference(c.ref, meta, dev, c.script)
     V = meta['vocab_size']
     windows = entropy_windows(data.sizes, block, c.entropy_tokens)
     total = sum(w[2] - 1 for w in windows)

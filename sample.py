@@ -71,9 +71,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import (EXIT_USAGE, Schedule, Tokenizer, UserError, all_logits, at_least, atomic_write_text,
-                       block_len_of, configure, fill_final, fmt_time, generate, generate_blocks, in_range, in_window, one_of, print0, read_checkpoint,
-                       resolve_device, run_cli, sample_categorical, script_info, time_grid, uniform)
+import diffusion
+from runtime import (EXIT_USAGE, Config, Tokenizer, UserError, at_least, atomic_write_text, build_model, configure,
+                     fmt_time, in_range, one_of, print0, read_checkpoint, resolve_device, run_cli, settings_of)
 
 # -----------------------------------------------------------------------------
 out_dir = ''                    # run folder holding ckpt.pt (diffusion.py or gpt.py)
@@ -94,6 +94,7 @@ remdm_eta = 0.02                # remdm remasking strength eta
 final_fill = 'sample'           # ancestral/remdm: masks left at t = 0 (alpha(0) < 1): 'sample' (like every step) | 'argmax'
 stride = 0                      # new tokens per window after the first (long texts, MDLM); 0 = block_size // 2
 trace = ''                      # write every frame (step, tokens, changed) to this .json file
+script = ''                     # .py files you trust to rebuild the checkpoint (comma-separated): a copy outside this folder, or a changed one
 # -----------------------------------------------------------------------------
 
 SAMPLERS = ('confidence', 'ancestral', 'ancestral_cache', 'remask', 'threshold', 'remdm')
@@ -108,12 +109,72 @@ RULES = {'sampler': one_of(SAMPLERS), 'remask_score': one_of(REMASK_SCORES), 're
          'stride': at_least(0)}
 
 # -----------------------------------------------------------------------------
-# checkpoints come back through the script that made them (diffusion.py, gpt.py or a copy)
+# checkpoints come back through the script that made them (diffusion.py, gpt.py or a copy), under
+# one trust rule: a checkpoint names a script, but only the user decides which code runs
+
+HERE = os.path.dirname(os.path.realpath(__file__))   # the project's own folder
+
+
+def sha256_of(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def trusted_script(ckpt, trust=()):
+    """The file to rebuild a checkpoint with. weights_only keeps a checkpoint's pickle from running
+    code, but the checkpoint also names the script that made it, and importing that runs it; so a
+    recorded script is imported only when
+      - it is a file in this project's folder (beside sample.py; a relative path is resolved
+        there, never against the current folder) and its sha256 is the recorded one, or, for a
+        project moved since, the file of the same name here has the recorded sha256; or
+      - the user names it in trust (--script=PATH[,PATH...], matched by real path or file name),
+        which also accepts a file changed since it wrote the checkpoint.
+    Checkpoints from before scripts were recorded use this folder's diffusion.py or gpt.py.
+    Anything else is a one-line UserError saying what to pass."""
+    path, where = ckpt['path'], ckpt['path']
+    info = ckpt.get('script')
+    if info is None:  # made before checkpoints recorded their script
+        if ckpt['objective'] not in ('diffusion', 'gpt'):
+            raise UserError(f"{where} holds an unknown objective {str(ckpt['objective'])[:40]!r}")
+        return os.path.join(HERE, f"{ckpt['objective']}.py")
+    if not (isinstance(info, dict) and isinstance(info.get('path'), str) and info['path'].endswith('.py')
+            and isinstance(info.get('sha256', ''), str)):
+        raise UserError(f"{where} names its script as {str(info)[:80]!r}, not a .py file; if you trust a file to "
+                        "rebuild it, pass --script=PATH")
+    recorded = info['path']
+    real = os.path.realpath(recorded if os.path.isabs(recorded) else os.path.join(HERE, recorded))
+    for t in trust:
+        if os.path.realpath(t) == real or os.path.basename(t) == os.path.basename(recorded):
+            return t  # the user vouches for this file
+    local = real if os.path.dirname(real) == HERE else os.path.join(HERE, os.path.basename(real))
+    want = info.get('sha256')
+    if os.path.dirname(real) == HERE:
+        if not os.path.exists(real):
+            raise UserError(f"{path} was made by {recorded}, which is gone; put that script back (or copy it "
+                            "there) to use this checkpoint")
+        if want and sha256_of(real) != want:
+            raise UserError(f"{recorded} changed since it wrote {path}; if it still fits that checkpoint, pass "
+                            f"--script={recorded}")
+        return real
+    if os.path.exists(local) and want and sha256_of(local) == want:
+        return local  # the same script in this project (the project moved since)
+    raise UserError(f"{path} was made by {recorded}, which is not in this project; if you trust that file, pass "
+                    f"--script={recorded}")
+
+
+def trust_list(spec):
+    """--script=PATH[,PATH...] -> the paths, each checked to be a .py file."""
+    paths = [p.strip() for p in spec.split(',') if p.strip()]
+    for p in paths:
+        if not (p.endswith('.py') and os.path.isfile(p)):
+            raise UserError(f"--script={p}: no such .py file", EXIT_USAGE)
+    return paths
 
 
 def import_script(path):
     """The module of a script file (a copy of diffusion.py, say), imported once; its folder goes on
-    sys.path so that a copied gpt.py finds the copied diffusion.py it imports."""
+    sys.path so that a copied gpt.py finds the copied diffusion.py it imports. Only trusted_script's
+    answer is ever passed here."""
     path = os.path.realpath(path)
     for mod in list(sys.modules.values()):
         if os.path.realpath(getattr(mod, '__file__', None) or '-') == path and mod.__name__ != '__main__':
@@ -147,44 +208,51 @@ class Run:
     def tokenizer(self):     # on first use: GPT-2 BPE needs tiktoken's files, which scoring does not
         return Tokenizer(self.ckpt['meta'])
 
+    @property
+    def ops(self):
+        """The module whose samplers and loss pieces (generate, masked_ce, ...) this run uses: the
+        script itself, or for a GPT script the diffusion module it imports."""
+        return script_ops(self.script)
 
-def load_run(path, device='cpu', finite=True):
-    """A checkpoint's model and objective, rebuilt from the classes of the script that made it
-    (ckpt['script']; checkpoints from before it was recorded use this folder's diffusion.py or
-    gpt.py). One-line errors when that script is gone, changed so that it no longer fits, or
-    the weights are not finite (a diverged run: use its best.pt)."""
+
+def script_ops(script):
+    return script if hasattr(script, 'Transformer') else getattr(script, 'diffusion', diffusion)
+
+
+def load_run(path, device='cpu', finite=True, trust=()):
+    """A checkpoint's model and objective, rebuilt from the classes of the script that made it,
+    chosen by trusted_script (trust: the files of --script). One-line errors when that script is
+    not trusted, gone, changed so that it no longer fits, or the weights are not finite (a
+    diverged run: use its best.pt)."""
     ckpt = read_checkpoint(path, device)
     path = ckpt['path']
-    info = ckpt.get('script') or {'path': os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                       f"{ckpt['objective']}.py")}
-    if not os.path.exists(info['path']):
-        raise UserError(f"{path} was made by {info['path']}, which is gone; put that script back (or copy it "
-                        "there) to use this checkpoint")
-    changed = 'sha256' in info and script_info(info['path'])['sha256'] != info['sha256']
-    mod = import_script(info['path'])
+    script = trusted_script(ckpt, trust)
+    mod = import_script(script)
     try:
-        model = mod.build_model(ckpt, path).to(device).eval()
-        defaults = getattr(mod, 'DEFAULTS', None) or mod.settings_of(vars(mod))  # gpt.py: DEFAULTS
-        objective = mod.OBJECTIVE(mod.Config(defaults, **ckpt['config']), ckpt['meta'])
+        models = script_ops(mod)   # a GPT script's model classes are its diffusion module's
+        model = build_model(ckpt, models.ModelConfig, models.Transformer, path).to(device).eval()
+        defaults = getattr(mod, 'DEFAULTS', None) or settings_of(vars(mod))  # gpt.py: DEFAULTS
+        objective = mod.OBJECTIVE(Config(defaults, **ckpt['config']), ckpt['meta'])
     except Exception as e:
-        if not changed:
+        if script not in trust:   # a script that has its recorded hash fits; a failure here is a bug
             raise
-        raise UserError(f"{info['path']} changed since it wrote {path} and no longer fits it "
-                        f"({type(e).__name__}: {str(e)[:120]})") from None
+        changed = sha256_of(script) != (ckpt.get('script') or {}).get('sha256')
+        how = f"changed since it wrote {path} and no longer fits it" if changed else f"does not fit {path}"
+        raise UserError(f"{script} (--script) {how} ({type(e).__name__}: {str(e)[:120]})") from None
     if finite and not all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point()):
         raise UserError(f"{path} holds non-finite weights (the run diverged); use the run's best.pt instead")
     return Run(model, ckpt, mod, objective)
 
 
-def load_checkpoint(path, device='cpu'):
+def load_checkpoint(path, device='cpu', trust=()):
     """(model in eval mode on device, checkpoint dict), rebuilt by the script that made it."""
-    run = load_run(path, device)
+    run = load_run(path, device, trust=trust)
     return run.model, run.ckpt
 
 
 def model_block_len(model):
     """A block diffusion model's block length; 0 for MDLM and GPT (and models from before block_len)."""
-    return block_len_of(getattr(model.cfg, 'block_len', 0), model.cfg.block_size)
+    return diffusion.block_len_of(getattr(model.cfg, 'block_len', 0), model.cfg.block_size)
 
 
 # -----------------------------------------------------------------------------
@@ -208,11 +276,13 @@ def confidence_score(logits, kind):
 # -----------------------------------------------------------------------------
 # diffusion samplers: each takes a window x (B, W) with MASK where tokens are wanted (every other
 # position is context and never changes), updates a copy and yields (step, x, changed).
-# gens: one generator per row. They share the signature so frames() can call any of them.
+# gens: one generator per row. They share the signature so frames() can call any of them. ops: the
+# run's script module (Run.ops), whose building blocks (all_logits, sample_categorical, generate, ...)
+# they use, so that a copy's edit of those reaches every sampler.
 
 
 @torch.no_grad()
-def confidence_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, **_):
+def confidence_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, ops=diffusion, **_):
     """The reference implementation's sampler: a cosine count schedule decides how many masked
     positions stay masked after each step; the most confident of the sampled tokens are revealed
     (confidence = the model's probability of the sampled token)."""
@@ -227,14 +297,14 @@ def confidence_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.
         keep = torch.ceil(n0 * math.cos(math.pi / 2 * step / steps)).long()  # (B,) still masked after
         if step == steps:
             keep = torch.zeros_like(keep)  # cos(pi/2) is 6e-17, not 0: reveal everything at the end
-        logits = all_logits(model, x)                                      # (B, W, V)
+        logits = ops.all_logits(model, x)                                      # (B, W, V)
         new = x.clone()
         for i, gen in enumerate(gens):
             pos = masked[i].nonzero().squeeze(1)                        # (M,)
             n = int(pos.numel() - keep[i])
             if n <= 0:
                 continue
-            tok = sample_categorical(logits[i, pos], gen, temperature, top_k, top_p)
+            tok = ops.sample_categorical(logits[i, pos], gen, temperature, top_k, top_p)
             conf = F.softmax(logits[i, pos], -1).gather(-1, tok[:, None]).squeeze(1)
             pick = conf.topk(n).indices
             new[i, pos[pick]] = tok[pick]
@@ -243,14 +313,14 @@ def confidence_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.
         yield step, x, changed
 
 
-def ancestral_sampler(model, x, steps, gens, **kw):
+def ancestral_sampler(model, x, steps, gens, ops=diffusion, **kw):
     """MDLM's reverse process: diffusion.generate, the sampler the training script itself uses."""
-    return generate(model, x, steps, gens, **dict(kw, cache=False))
+    return ops.generate(model, x, steps, gens, **dict(kw, cache=False))
 
 
-def ancestral_cache_sampler(model, x, steps, gens, **kw):
+def ancestral_cache_sampler(model, x, steps, gens, ops=diffusion, **kw):
     """The same samples with the forward pass skipped for rows that did not change."""
-    return generate(model, x, steps, gens, **dict(kw, cache=True))
+    return ops.generate(model, x, steps, gens, **dict(kw, cache=True))
 
 
 def reveal_counts(n, steps):
@@ -259,7 +329,7 @@ def reveal_counts(n, steps):
     return [n // steps + (1 if k < n % steps else 0) for k in range(steps)]
 
 
-def reveal_most_confident(model, x, steps, gens, how_many, score, temperature, top_k, top_p):
+def reveal_most_confident(model, x, steps, gens, how_many, score, temperature, top_k, top_p, ops):
     """Each step, score every masked position, sample tokens at the how_many(i, step, conf) most
     confident ones and leave the rest masked. Shared by remask and threshold."""
     mask_id = model.cfg.mask_id
@@ -267,7 +337,7 @@ def reveal_most_confident(model, x, steps, gens, how_many, score, temperature, t
         masked = x == mask_id
         if not masked.any():
             break
-        logits = all_logits(model, x)
+        logits = ops.all_logits(model, x)
         new = x.clone()
         for i, gen in enumerate(gens):
             pos = masked[i].nonzero().squeeze(1)
@@ -278,14 +348,15 @@ def reveal_most_confident(model, x, steps, gens, how_many, score, temperature, t
             if n == 0:
                 continue
             pick = pos[conf.topk(n).indices]
-            new[i, pick] = sample_categorical(logits[i, pick], gen, temperature, top_k, top_p)
+            new[i, pick] = ops.sample_categorical(logits[i, pick], gen, temperature, top_k, top_p)
         changed = new != x
         x = new
         yield step, x, changed
 
 
 @torch.no_grad()
-def remask_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, remask_score='max_prob', **_):
+def remask_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, remask_score='max_prob', ops=diffusion,
+                   **_):
     """LLaDA low-confidence remasking: predict every masked position, keep the reveal_counts[k]
     most confident ones and leave (remask) the rest. The confidence does not depend on the
     sampled token here, so tokens are drawn at the kept positions only."""
@@ -294,11 +365,11 @@ def remask_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, r
     steps = max(1, min(steps, n0))
     counts = [reveal_counts(int(n), steps) for n in (x == mask_id).sum(1).tolist()]  # rows may differ (infill)
     yield from reveal_most_confident(model, x.clone(), steps, gens, lambda i, step, conf: counts[i][step - 1],
-                                     remask_score, temperature, top_k, top_p)
+                                     remask_score, temperature, top_k, top_p, ops)
 
 
 @torch.no_grad()
-def threshold_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, threshold=0.9, **_):
+def threshold_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0, threshold=0.9, ops=diffusion, **_):
     """Fast-dLLM confidence-threshold parallel decoding: reveal every masked position whose max
     probability exceeds `threshold`, and at least ceil(masked / steps left) of the most confident
     ones (so at least one per step, and the window is done within `steps`). With threshold 1.0
@@ -307,12 +378,12 @@ def threshold_sampler(model, x, steps, gens, temperature=1.0, top_k=0, top_p=1.0
     yield from reveal_most_confident(
         model, x.clone(), steps, gens,
         lambda i, step, conf: max(int((conf > threshold).sum()), math.ceil(conf.numel() / (steps - step + 1))),
-        'max_prob', temperature, top_k, top_p)
+        'max_prob', temperature, top_k, top_p, ops)
 
 
 @torch.no_grad()
 def remdm_sampler(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top_p=1.0, remdm_mode='cap',
-                  remdm_eta=0.02, final_fill='sample', **_):
+                  remdm_eta=0.02, final_fill='sample', ops=diffusion, **_):
     """ReMDM (Wang et al. 2025, eq. 5): from t to s, a token this window revealed is remasked with
     probability sigma_t and a masked token is revealed with probability
     (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t), where sigma_t <= sigma_max =
@@ -321,7 +392,7 @@ def remdm_sampler(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top
     if remdm_mode not in REMDM_MODES:
         raise UserError(f"remdm_mode={remdm_mode!r}: use one of {', '.join(REMDM_MODES)}", EXIT_USAGE)
     mask_id = model.cfg.mask_id
-    alphas = schedule.alpha(time_grid(steps)).tolist()
+    alphas = schedule.alpha(ops.time_grid(steps)).tolist()
     x = x.clone()
     free = x == mask_id                                                 # (B, W) positions this window generates
     step = 0
@@ -332,20 +403,20 @@ def remdm_sampler(model, x, steps, gens, schedule, temperature=1.0, top_k=0, top
         sigma = min(remdm_eta, sigma_max) if remdm_mode == 'cap' else remdm_eta * sigma_max
         sigma = max(sigma, 0.0)
         p_reveal = min(max((a_s - (1 - sigma) * a_t) / (1 - a_t), 0.0), 1.0) if a_t < 1 else 1.0
-        logits = all_logits(model, x)
+        logits = ops.all_logits(model, x)
         new = x.clone()
         for i, gen in enumerate(gens):
             pos = masked[i].nonzero().squeeze(1)
             done = (free[i] & ~masked[i]).nonzero().squeeze(1)          # revealed by this window
-            rev = pos[uniform(pos.numel(), gen, x.device) < p_reveal]
-            new[i, rev] = sample_categorical(logits[i, rev], gen, temperature, top_k, top_p)
-            new[i, done[uniform(done.numel(), gen, x.device) < sigma]] = mask_id
+            rev = pos[ops.uniform(pos.numel(), gen, x.device) < p_reveal]
+            new[i, rev] = ops.sample_categorical(logits[i, rev], gen, temperature, top_k, top_p)
+            new[i, done[ops.uniform(done.numel(), gen, x.device) < sigma]] = mask_id
         changed = new != x
         x = new
         yield step, x, changed
     masked = x == mask_id
     if masked.any():
-        x = fill_final(x, all_logits(model, x), masked, gens, final_fill, temperature, top_k, top_p)
+        x = ops.fill_final(x, ops.all_logits(model, x), masked, gens, final_fill, temperature, top_k, top_p)
         yield step + 1, x, masked
 
 
@@ -376,7 +447,7 @@ def window_start(n, first_masked, block_size, stride):
 
 
 def frames(model, objective, prompt, max_new_tokens, *, num_samples=1, sampler='ancestral_cache', steps=64,
-           temperature=1.0, top_k=0, top_p=1.0, seed=1337, stats=None, **opts):
+           temperature=1.0, top_k=0, top_p=1.0, seed=1337, stats=None, script=None, **opts):
     """The one entry point every consumer uses (diffusion.py, evaluate.py, visualize.py).
 
     prompt: list of token ids; for diffusion it may contain model.cfg.mask_id (infilling), and
@@ -385,10 +456,12 @@ def frames(model, objective, prompt, max_new_tokens, *, num_samples=1, sampler='
     Sample i uses its own generator seeded seed + i. stats: optional dict; stats['nfe'] counts
     forward passes of the model (one batched call = 1). opts (diffusion): schedule (the
     run's objective.schedule, a diffusion.Schedule, for ancestral and remdm; default linear),
-    threshold, remask_score, remdm_mode, remdm_eta, stride."""
+    threshold, remask_score, remdm_mode, remdm_eta, stride. script: the run's module (load_run's
+    Run.script): its sampling code is used (a copy's edits included); None = this folder's."""
     check_options(sampler=sampler, steps=steps, num_samples=num_samples, temperature=temperature, top_k=top_k,
                   top_p=top_p, **opts)
-    opts['schedule'] = opts.get('schedule') or Schedule('linear')
+    ops = script_ops(script) if script is not None else diffusion
+    opts['schedule'] = opts.get('schedule') or ops.Schedule('linear')
     dev = next(model.parameters()).device
     gen_dev = 'cpu' if dev.type == 'mps' and objective != 'gpt' else dev  # MPS has no float64 (diffusion noise)
     gens = [torch.Generator(device=gen_dev).manual_seed(seed + i) for i in range(num_samples)]
@@ -397,18 +470,21 @@ def frames(model, objective, prompt, max_new_tokens, *, num_samples=1, sampler='
         hook = model.register_forward_pre_hook(lambda *_: stats.__setitem__('nfe', stats['nfe'] + 1))
     try:
         if objective == 'gpt':
-            yield from _gpt_frames(model, prompt, max_new_tokens, gens, temperature, top_k, top_p)
+            yield from _gpt_frames(model, prompt, max_new_tokens, gens, temperature, top_k, top_p, script)
         else:
             yield from _diffusion_frames(model, prompt, max_new_tokens, gens, sampler, steps, temperature, top_k,
-                                         top_p, opts)
+                                         top_p, dict(opts, ops=ops))
     finally:
         if stats is not None:
             hook.remove()
 
 
-def _gpt_frames(model, prompt, max_new_tokens, gens, temperature, top_k, top_p):
-    """GPT through gpt.generate (KV cache), row i sampling with gens[i]."""
-    from gpt import generate
+def _gpt_frames(model, prompt, max_new_tokens, gens, temperature, top_k, top_p, script=None):
+    """GPT through gpt.generate (KV cache; the run's script's, a copy's included), row i sampling with gens[i]."""
+    if script is not None and hasattr(script, 'generate'):
+        generate = script.generate
+    else:
+        from gpt import generate
     dev = next(model.parameters()).device
     if model.cfg.mask_id in prompt:
         raise UserError("GPT generates left to right and cannot infill [MASK] spans; use a diffusion checkpoint",
@@ -429,8 +505,8 @@ def _diffusion_frames(model, prompt, max_new_tokens, gens, sampler, steps, tempe
         raise UserError(f"prompt holds token ids above the vocabulary ({cfg.mask_id} tokens)", EXIT_USAGE)
     fn = SAMPLER_FNS[sampler]
     if model_block_len(model):   # block diffusion: block by block, KV cache (module docstring)
-        yield from generate_blocks(model, seq, fn, steps, gens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   **opts)
+        yield from opts['ops'].generate_blocks(model, seq, fn, steps, gens, temperature=temperature, top_k=top_k,
+                                               top_p=top_p, **opts)
         return
     total = 0
     while True:
@@ -440,7 +516,7 @@ def _diffusion_frames(model, prompt, max_new_tokens, gens, sampler, steps, tempe
         a = window_start(seq.size(1), int(masked[0]), W, stride_)
         done = total
         frames_w = fn(model, seq[:, a:a + W], steps, gens, temperature=temperature, top_k=top_k, top_p=top_p, **opts)
-        for done, seq, changed in in_window(frames_w, seq, a, total):
+        for done, seq, changed in opts['ops'].in_window(frames_w, seq, a, total):
             yield done, seq, changed
         total = done
 
@@ -509,7 +585,7 @@ def main():
         raise UserError("pass --out_dir=DIR, a run folder made by diffusion.py or gpt.py", EXIT_USAGE)
     if c.trace and not os.path.isdir(os.path.dirname(os.path.abspath(c.trace))):
         raise UserError(f"--trace={c.trace}: folder {os.path.dirname(os.path.abspath(c.trace))} does not exist", EXIT_USAGE)
-    run = load_run(c.out_dir, resolve_device(c.device))
+    run = load_run(c.out_dir, resolve_device(c.device), trust=trust_list(c.script))
     model, objective, tok = run.model, run.ckpt['objective'], run.tokenizer
     text = c.start
     if text.startswith('FILE:'):
@@ -527,7 +603,8 @@ def main():
         n = 0 if infill else max(model.cfg.block_size - len(prompt), model.cfg.block_size // 2)
     kw = dict(num_samples=c.num_samples, sampler=c.sampler, steps=c.steps, temperature=c.temperature, top_k=c.top_k,
               top_p=c.top_p, seed=c.seed, threshold=c.threshold, remask_score=c.remask_score, remdm_mode=c.remdm_mode,
-              remdm_eta=c.remdm_eta, stride=c.stride, final_fill=c.final_fill, schedule=getattr(run.objective, 'schedule', None))
+              remdm_eta=c.remdm_eta, stride=c.stride, final_fill=c.final_fill, schedule=getattr(run.objective, 'schedule', None),
+              script=run.script)
     stats, recorded = {'nfe': 0}, []
     t0, x = time.time(), None
     n_new = n + (prompt.count(tok.mask_id) if infill else 0)

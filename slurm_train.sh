@@ -65,7 +65,7 @@
 #SBATCH --output=slurm-%x-%j.out
 
 set -uo pipefail
-EXIT_RESUMABLE=75   # diffusion.EXIT_RESUMABLE
+EXIT_RESUMABLE=75   # runtime.EXIT_RESUMABLE
 
 log() { echo "[slurm_train $(date '+%F %T')] $*"; }
 die() { echo "slurm_train: error: $1" >&2; exit "${2:-1}"; }  # die MESSAGE [CODE]

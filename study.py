@@ -27,8 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-import evaluate
-from diffusion import MASKINGS, SCHEDULES, UserError, configure, one_of, read_log, run_cli
+from diffusion import MASKINGS, SCHEDULES
+from runtime import UserError, ckpt_file, configure, one_of, read_log, run_cli
+from report import md_table, pyplot, seed_ci, summarise_cells, write_json
 
 # -----------------------------------------------------------------------------
 study = 'schedules'             # 'schedules' (the 6 x 2 matrix) | 'epochs' (the data-constrained race) | 'stall' (the seed's settings)
@@ -153,13 +154,13 @@ def study_schedules(c):
             list(pool.map(lambda item: train_run(c, script('diffusion.py'), *item), todo))
     t_train = time.time() - t_start
     all_dirs = gpt_dirs + list(block_dirs.values()) + list(diff_dirs.values())
-    missing = [d for d in all_dirs if not os.path.exists(os.path.join(d, 'ckpt.pt'))]
+    missing = [d for d in all_dirs if not os.path.exists(ckpt_file(d))]
     if missing:
         raise UserError(f"no checkpoint in {missing[0]} (and {len(missing) - 1} more); run with --train=true")
     os.makedirs(c.results_dir, exist_ok=True)
 
     def evaluated(d):  # an eval.json newer than the checkpoint: --compare checks its settings too
-        e, c = os.path.join(d, 'eval.json'), os.path.join(d, 'ckpt.pt')
+        e, c = os.path.join(d, 'eval.json'), ckpt_file(d)
         return os.path.exists(e) and os.path.getmtime(e) > os.path.getmtime(c)
     with ThreadPoolExecutor(c.jobs) as pool:  # evaluate in parallel; --compare below reuses each eval.json
         list(pool.map(lambda d: run(c, [sys.executable, script('evaluate.py'), f'--out_dir={d}', f'--ref={ref}',
@@ -167,7 +168,7 @@ def study_schedules(c):
                       [d for d in all_dirs if not evaluated(d)]))
     run(c, [sys.executable, script('evaluate.py'), '--compare', *all_dirs, f"--report_dir={os.path.join(c.results_dir, 'runs')}", '--compare_plots=false', f'--device={c.device}',
          f'--ref={ref}', *c.eval_args.split()])
-    evaluate.summarise_cells(all_dirs, c.results_dir)
+    summarise_cells(all_dirs, c.results_dir)
     total = time.time() - t_start
     if c.train:  # the time of a whole study (an evaluation-only rerun would overwrite it with its own)
         with open(os.path.join(c.results_dir, 'study_time.json'), 'w') as f:
@@ -238,7 +239,7 @@ def study_epochs(c):
     md = race_markdown(c, report)
     os.makedirs(c.results_dir, exist_ok=True)
     stem = os.path.join(c.results_dir, f'race-{c.race_tokens / 1000:g}k')
-    evaluate.write_json(report, stem + '.json')
+    write_json(report, stem + '.json')
     with open(stem + '.md', 'w') as f:
         f.write(md)
     race_plot(c, curves, report, stem + '.png')
@@ -254,7 +255,7 @@ def race_report(c, curves):
         n = min(map(len, runs))
         mean_curve = [(runs[0][i][0], statistics.fmean(run[i][1] for run in runs)) for i in range(n)]
         models[name] = {'best': statistics.fmean(b[1] for b in best), 'best_sd': statistics.stdev(b[1] for b in best)
-                        if len(best) > 1 else 0.0, 'best_ci95': evaluate.seed_ci([b[1] for b in best])[1] or 0.0,
+                        if len(best) > 1 else 0.0, 'best_ci95': seed_ci([b[1] for b in best])[1] or 0.0,
                         'best_epoch': statistics.fmean(b[0] for b in best), 'best_per_seed': best,
                         'last': mean_curve[-1][1], 'last_epoch': mean_curve[-1][0], 'mean_curve': mean_curve}
     gpt = models.get('GPT')
@@ -298,14 +299,14 @@ def race_markdown(c, report):
              "passes GPT's best: the first validation at which the model's mean curve is below GPT's mean best. "
              "GPT's curve above it: the first of GPT's validations after its best at which GPT's mean is above this "
              "model's mean at the same epoch (GPT overfitting: its checkpoint at that epoch is the worse model)."]
-    return '# The data-constrained race\n\n' + evaluate.md_table(
+    return '# The data-constrained race\n\n' + md_table(
         ['model', 'measure', 'best (nats/token)', 'best at epoch', 'at the end', "passes GPT's best",
          "GPT's curve above it from"], rows, notes)
 
 
 def race_plot(c, curves, report, path):
     """Validation NLL / NELBO against epochs: mean line and a band of ± one sd over seeds per model."""
-    plt = evaluate.pyplot(print)
+    plt = pyplot(print)
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(9, 4.8))
@@ -369,8 +370,8 @@ def study_stall(c):
         rows.append([sc, v, ' → '.join(f"{x:.3f}" for _, x in val), f"{val[-1][1]:.4f}", f"{gain:+.4f}"])
     out = {'runs': table, 'seconds': round(time.time() - t0) if c.train else None}
     os.makedirs(c.results_dir, exist_ok=True)
-    evaluate.write_json(out, os.path.join(c.results_dir, 'stall.json'))
-    md = '# Do schedules stall at the seed\'s settings?\n\n' + evaluate.md_table(
+    write_json(out, os.path.join(c.results_dir, 'stall.json'))
+    md = '# Do schedules stall at the seed\'s settings?\n\n' + md_table(
         ['schedule', 'settings', f'val_nelbo every {c.eval_interval} steps', 'final', 'fall over the second half'],
         rows, [f"seed = the micro-dLLM seed's settings: {' '.join(STALL_SEED)}; each 'seed, X' variant puts back "
                f"one of this project's defaults. {c.max_iters} steps, seed 0, the study's model; val_nelbo: the "

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import diffusion as D
+import runtime as R
 from conftest import REPO, TINY, run_script
 
 ENDPOINTS = {  # alpha(0), alpha(1), written out independently of the code under test
@@ -50,7 +51,7 @@ def test_nelbo_weight_against_finite_differences(name):
 
 
 def test_unknown_schedule_is_a_user_error():
-    with pytest.raises(D.UserError, match='unknown schedule'):
+    with pytest.raises(R.UserError, match='unknown schedule'):
         D.Schedule('cosin')
 
 
@@ -60,7 +61,7 @@ def test_uniform_mask_rate_matches_one_minus_alpha():
     x = torch.randint(0, 50, (64, 500), generator=torch.Generator().manual_seed(0))
     for t in (0.1, 0.5, 0.9):
         alpha = s.alpha(torch.full((64,), t, dtype=torch.float64))
-        rate = D.draw_mask(x, D.mask_uniform(x, alpha, None), D.rng(0, t)).double().mean().item()
+        rate = D.draw_mask(x, D.mask_uniform(x, alpha, None), R.rng(0, t)).double().mean().item()
         p = 1 - math.cos(math.pi / 2 * t)
         se = math.sqrt(p * (1 - p) / x.numel())
         assert abs(rate - p) < 4 * se, (t, rate, p)
@@ -75,7 +76,7 @@ def test_entropy_weighting_shifts_masks_to_low_entropy_tokens():
     for one_minus_alpha in (0.3, 0.8):
         alpha = torch.full((100,), 1 - one_minus_alpha, dtype=torch.float64)
         objective = type('Stub', (), {'entropy_weight': lambda self, device: w})()  # what DiffusionObjective gives
-        mask = D.draw_mask(x, D.mask_entropy(x, alpha, objective), D.rng(1, one_minus_alpha))
+        mask = D.draw_mask(x, D.mask_entropy(x, alpha, objective), R.rng(1, one_minus_alpha))
         for tok, weight in enumerate((1.5, 1.0, 0.5)):
             p = min(one_minus_alpha * weight, 1.0)  # the spec: (1-alpha) * clamp(2 - ent, .5, 1.5), at most 1
             rate = mask[x == tok].double().mean().item()
@@ -84,11 +85,11 @@ def test_entropy_weighting_shifts_masks_to_low_entropy_tokens():
 
 
 def test_entropy_file_errors(tmp_path):
-    with pytest.raises(D.UserError, match='no entropy file'):
-        D.load_entropy(str(tmp_path / 'missing.npy'), 65)
+    with pytest.raises(R.UserError, match='no entropy file'):
+        R.load_entropy(str(tmp_path / 'missing.npy'), 65)
     np.save(tmp_path / 'short.npy', np.ones(10))
-    with pytest.raises(D.UserError, match='expected \\(65,\\)'):
-        D.load_entropy(str(tmp_path / 'short.npy'), 65)
+    with pytest.raises(R.UserError, match='expected \\(65,\\)'):
+        R.load_entropy(str(tmp_path / 'short.npy'), 65)
 
 
 # ---------------------------------------------------------------- NELBO estimator
@@ -118,9 +119,9 @@ def test_nelbo_estimator_matches_brute_force_integral(name):
         # the estimator: 200 steps x 64 sequences of stratified t
         B, est = 64, []
         for step in range(200):
-            u0 = torch.rand((), generator=D.rng(7, step), dtype=torch.float64)
+            u0 = torch.rand((), generator=R.rng(7, step), dtype=torch.float64)
             tt = D.stratified_times(u0, 0, B, B, t_min)
-            loss, per_seq = D.diffusion_loss(model, x.expand(B, T), tt, s, model.cfg.mask_id, D.rng(8, step),
+            loss, per_seq = D.diffusion_loss(model, x.expand(B, T), tt, s, model.cfg.mask_id, R.rng(8, step),
                                              t_min=t_min)
             est.append(loss.item())
     est = np.array(est)
@@ -171,20 +172,20 @@ def test_tiny_model_loss_falls(tiny_runs):
     assert last < first - 0.3, (first, last)
     vals = [r['val_nelbo'] for r in _records(tiny_runs['diffusion']) if 'val_nelbo' in r]
     assert vals[-1] < vals[0]
-    ckpt = D.read_checkpoint(tiny_runs['diffusion'])
+    ckpt = R.read_checkpoint(tiny_runs['diffusion'])
     assert ckpt['objective'] == 'diffusion' and ckpt['step'] == 40 and ckpt['config']['schedule'] == 'linear'
 
 
 @pytest.mark.parametrize('masking', list(D.MASKINGS))
 def test_every_schedule_and_masking_trains(char_data, tmp_path, masking):
     """All six schedules x both maskings run 3 steps in-process and give finite losses."""
-    meta = D.load_meta(char_data, 'shakespeare_char')
+    meta = R.load_meta(char_data, 'shakespeare_char')
     ent = tmp_path / 'entropy.npy'
     np.save(ent, np.random.default_rng(0).gamma(4.0, 0.25, meta['vocab_size']))
     for name in D.SCHEDULES:
         out = tmp_path / f'{name}-{masking}'
         g = dict(vars(D))
-        cfg = D.configure(g, [*TINY, f'--data_dir={char_data}', f'--out_dir={out}', '--max_iters=3',
+        cfg = R.configure(g, [*TINY, f'--data_dir={char_data}', f'--out_dir={out}', '--max_iters=3',
                               '--eval_interval=3', f'--schedule={name}', f'--masking={masking}',
                               f'--entropy_file={ent}'], rules=D.RULES, verbose=False)
         D.train(cfg, D.DiffusionObjective, D.__file__)
@@ -194,7 +195,7 @@ def test_every_schedule_and_masking_trains(char_data, tmp_path, masking):
 
 
 def _final_weights(out_dir):
-    return D.read_checkpoint(out_dir)['model']
+    return R.read_checkpoint(out_dir)['model']
 
 
 def test_sigusr1_then_resume_is_bit_identical(char_data, tmp_path):
@@ -213,7 +214,7 @@ def test_sigusr1_then_resume_is_bit_identical(char_data, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == D.EXIT_RESUMABLE, output
+    assert proc.returncode == R.EXIT_RESUMABLE, output
     status = json.loads((out / 'status.json').read_text())
     assert status['status'] == 'interrupted' and 20 <= status['step'] < 150, (status, output)
     run_script('diffusion.py', *args, f'--out_dir={out}', '--init_from=resume')
@@ -257,15 +258,15 @@ def test_configure_types_files_and_equals_signs(tmp_path):
     g = {'learning_rate': 1e-3, 'max_iters': 10, 'compile': False, 'out_dir': '', 'min_lr': None}
     cfg_file = tmp_path / 'c.py'
     cfg_file.write_text('"""doc"""\nmax_iters = 2000\nlearning_rate = 3\n')
-    cfg = D.configure(g, [str(cfg_file), '--out_dir=a=b', '--compile', '--min_lr=1e-5', '--max_iters=1e3'],
+    cfg = R.configure(g, [str(cfg_file), '--out_dir=a=b', '--compile', '--min_lr=1e-5', '--max_iters=1e3'],
                       verbose=False)
     assert cfg == {'learning_rate': 3.0, 'max_iters': 1000, 'compile': True, 'out_dir': 'a=b', 'min_lr': 1e-5}
     assert isinstance(g['learning_rate'], float) and cfg.explicit == set(g)
     cfg_file.write_text('import os\n')
-    with pytest.raises(D.UserError, match='name = value'):
-        D.configure(g, [str(cfg_file)], verbose=False)
-    with pytest.raises(D.UserError, match='expected int'):
-        D.configure(g, ['--max_iters=2.5'], verbose=False)
+    with pytest.raises(R.UserError, match='name = value'):
+        R.configure(g, [str(cfg_file)], verbose=False)
+    with pytest.raises(R.UserError, match='expected int'):
+        R.configure(g, ['--max_iters=2.5'], verbose=False)
 
 
 def test_corrupt_and_foreign_checkpoints_give_one_line_errors(tiny_runs, tmp_path):
@@ -278,12 +279,12 @@ def test_corrupt_and_foreign_checkpoints_give_one_line_errors(tiny_runs, tmp_pat
     other = tmp_path / 'foreign'
     other.mkdir()
     torch.save({'weights': torch.zeros(2)}, other / 'ckpt.pt')
-    with pytest.raises(D.UserError, match='not a checkpoint of this project'):
-        D.read_checkpoint(str(other))
-    ckpt = D.read_checkpoint(good)
+    with pytest.raises(R.UserError, match='not a checkpoint of this project'):
+        R.read_checkpoint(str(other))
+    ckpt = R.read_checkpoint(good)
     ckpt['model_args']['n_embd'] = 64
-    with pytest.raises(D.UserError, match='do not match'):
-        D.build_model(ckpt)
+    with pytest.raises(R.UserError, match='do not match'):
+        R.build_model(ckpt, D.ModelConfig, D.Transformer)
 
 
 # ---------------------------------------------------------------- block diffusion, end to end
@@ -292,7 +293,7 @@ def test_block_model_trains_samples_and_evaluates(char_data, tmp_path):
     out = str(tmp_path / 'block')
     run_script('diffusion.py', *TINY, f'--data_dir={char_data}', f'--out_dir={out}', '--max_iters=4',
                '--eval_interval=4', '--block_len=8')
-    assert D.read_checkpoint(out)['model_args']['block_len'] == 8
+    assert R.read_checkpoint(out)['model_args']['block_len'] == 8
     r = run_script('sample.py', f'--out_dir={out}', '--device=cpu', '--max_new_tokens=16', '--steps=2')
     assert 'block diffusion (block_len 8)' in r.stdout
     r = run_script('evaluate.py', f'--out_dir={out}', '--device=cpu', '--max_tokens=512', '--passes=2',

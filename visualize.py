@@ -33,7 +33,8 @@ import torch
 
 import diffusion
 import sample
-from diffusion import Tokenizer, UserError, at_least, atomic_write_text, configure, one_of, resolve_device, run_cli
+from runtime import (EXIT_USAGE, Config, Tokenizer, UserError, at_least, atomic_write_text, ckpt_file, configure,
+                     one_of, resolve_device, run_cli, settings_of)
 
 # -----------------------------------------------------------------------------
 diffusion_dir = ''              # diffusion run folder (holds ckpt.pt); '' = diffusion.py's default out_dir
@@ -48,6 +49,7 @@ temperature = 1.0               # sampling temperature; 0 = greedy
 top_k = 0                       # keep the k most likely tokens; 0 = all
 top_p = 1.0                     # nucleus sampling mass; 1.0 = all
 seed = 1337                     # sampling seed (the same for both models)
+script = ''                     # .py files you trust to rebuild the checkpoints (comma-separated): see sample.py --help
 device = 'auto'                 # 'auto' | 'cpu' | 'cuda' | 'mps'
 no_animate = False              # print the final frames only (always so when stdout is not a terminal)
 fps = 20                        # frames per second of the terminal animation, the GIF and the MP4
@@ -139,7 +141,7 @@ def record(model, objective, prompt, new_tokens, dev, **kw):
 
 def default_dir(objective):
     """The out_dir diffusion.py / gpt.py write to when run with their default settings."""
-    return diffusion.default_out_dir(diffusion.Config(diffusion.settings_of(vars(diffusion))), objective)
+    return diffusion.default_out_dir(Config(settings_of(vars(diffusion))), objective)
 
 
 def load_runs(c, dev):
@@ -147,7 +149,7 @@ def load_runs(c, dev):
     checkpoint is missing, saying which commands make it."""
     wanted = [('diffusion', c.diffusion_dir or default_dir('diffusion')), ('gpt', c.gpt_dir or default_dir('gpt'))]
     wanted = [w for w in wanted if not (c.diffusion_only and w[0] == 'gpt') and not (c.gpt_only and w[0] == 'diffusion')]
-    missing = [(obj, d) for obj, d in wanted if not os.path.exists(os.path.join(d, 'ckpt.pt'))
+    missing = [(obj, d) for obj, d in wanted if not os.path.exists(ckpt_file(d))
                and not (os.path.isfile(d) and d.endswith('.pt'))]
     if missing:
         where = ' and '.join(f"{d} ({obj})" for obj, d in missing)
@@ -157,7 +159,7 @@ def load_runs(c, dev):
                         f"at a run folder; --diffusion_only/--gpt_only race one model)")
     out = []
     for obj, d in wanted:
-        run = sample.load_run(d, dev)
+        run = sample.load_run(d, dev, trust=sample.trust_list(c.script))
         ckpt = run.ckpt
         if ckpt['objective'] != obj:
             raise UserError(f"--{obj}_dir={d} holds a {ckpt['objective']} checkpoint; pass it as "
@@ -187,7 +189,8 @@ def race(c, dev):
         if sample.model_block_len(model):  # block diffusion fills block after block (sample.frames)
             label = f"{c.sampler}, {c.steps} steps per block of {sample.model_block_len(model)}"
         frames = record(model, obj, prompt, n, dev, sampler=c.sampler, steps=c.steps, temperature=c.temperature,
-                        top_k=c.top_k, top_p=c.top_p, seed=c.seed, schedule=getattr(run.objective, 'schedule', None))
+                        top_k=c.top_k, top_p=c.top_p, seed=c.seed, schedule=getattr(run.objective, 'schedule', None),
+                        script=run.script)
         info = {'out_dir': d, 'params': model.num_params(), 'checkpoint_step': ckpt['step'],
                 'n_layer': model.cfg.n_layer, 'n_embd': model.cfg.n_embd, 'block_size': model.cfg.block_size}
         runs.append(Run(obj, label, tok, len(prompt), n + prompt.count(tok.mask_id), frames, info))
@@ -519,10 +522,10 @@ RULES = {'sampler': one_of(sample.SAMPLERS), 'steps': at_least(1), 'length': at_
 def check_settings(c):
     """One clear line for each impossible combination, before any model is loaded."""
     if c.diffusion_only and c.gpt_only:
-        raise UserError("--diffusion_only and --gpt_only exclude each other", diffusion.EXIT_USAGE)
+        raise UserError("--diffusion_only and --gpt_only exclude each other", EXIT_USAGE)
     if c.export and not c.export.endswith('.json'):
         raise UserError(f"--export={c.export}: give a path ending in .json (a .js is written beside it)",
-                        diffusion.EXIT_USAGE)
+                        EXIT_USAGE)
     if c.gif or c.mp4:
         need_pillow('--gif' if c.gif else '--mp4')
     if c.mp4 and not shutil.which('ffmpeg'):

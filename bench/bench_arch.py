@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import D, time_alternating, train_step  # noqa: E402  (bench_train puts the repo on the path)
+from bench_train import D, R, time_alternating, train_step  # noqa: E402  (bench_train puts the repo on the path)
 
 # -----------------------------------------------------------------------------
 n_layer = 4                     # nanoGPT's CPU recipe
@@ -47,11 +47,11 @@ VARIANTS = {'ours': {},
 
 
 def main():
-    c = D.configure(globals(), rules={'steps': D.at_least(1), 'threads': D.at_least(1)}, verbose=False)
+    c = R.configure(globals(), rules={'steps': R.at_least(1), 'threads': R.at_least(1)}, verbose=False)
     torch.set_num_threads(c.threads)
     dev = torch.device('cpu')
-    D.tune_backend(dev)
-    s = D.Config(D.settings_of(vars(D)), n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
+    R.tune_backend(dev)
+    s = R.Config(R.settings_of(vars(D)), n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
                  batch_size=c.batch_size, gradient_accumulation_steps=1, seed=c.seed, compile=False, dropout=0.0)
     meta = {'vocab_size': 65}
     runs = {}
@@ -81,4 +81,4 @@ def main():
 
 
 if __name__ == '__main__':
-    D.run_cli(main)
+    R.run_cli(main)

@@ -26,8 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import evaluate  # noqa: E402
 from sample import load_checkpoint  # noqa: E402
-from diffusion import (TokenData, UserError, atomic_write_text, configure, run_cli,  # noqa: E402
-                       settings_of)
+from runtime import TokenData, UserError, atomic_write_text, configure, run_cli, settings_of  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/bench-eval'      # diffusion run folder to evaluate; trained here first when it has no ckpt.pt

@@ -22,8 +22,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffusion import (ModelConfig, Transformer, UserError, configure,  # noqa: E402
-                       padded_vocab, run_cli)
+from diffusion import ModelConfig, Transformer, padded_vocab  # noqa: E402
+from runtime import UserError, configure, run_cli  # noqa: E402
 from gpt import generate  # noqa: E402
 from sample import load_checkpoint  # noqa: E402
 

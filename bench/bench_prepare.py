@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 import prepare as P  # noqa: E402
-from diffusion import configure, run_cli  # noqa: E402
+from runtime import configure, run_cli  # noqa: E402
 
 # -----------------------------------------------------------------------------
 copies = 8                      # times the source text is replicated

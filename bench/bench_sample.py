@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 from sample import load_checkpoint  # noqa: E402
-from diffusion import (EXIT_USAGE, Schedule, TokenData, Tokenizer, UserError, atomic_write_text, configure,  # noqa: E402
-                       rng, run_cli)
+from diffusion import Schedule  # noqa: E402
+from runtime import EXIT_USAGE, TokenData, Tokenizer, UserError, atomic_write_text, configure, rng, run_cli  # noqa: E402
 
 # -----------------------------------------------------------------------------
 diffusion_dir = ''              # diffusion.py run folder (MDLM); '' = none (block_dirs only)

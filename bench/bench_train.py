@@ -39,6 +39,7 @@ import torch
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 import diffusion as D  # noqa: E402
+import runtime as R  # noqa: E402
 from gpt import GPTObjective  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -67,11 +68,11 @@ seed = 1337
 def model_settings(c, dev):
     """The model and batch shapes: a config file's, fineweb_124m's on CUDA, or the settings above."""
     path = c.config or (os.path.join(HERE, 'config', 'fineweb_124m.py') if dev.type == 'cuda' else '')
-    s = D.Config(D.settings_of(vars(D)), n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+    s = R.Config(R.settings_of(vars(D)), n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
                  block_size=c.block_size, batch_size=c.batch_size, gradient_accumulation_steps=1, seed=c.seed,
                  compile=c.compile or dev.type == 'cuda', dropout=0.0)
     if path:
-        s.update({k: v for k, v in D.read_config_file(path).items() if k in s})
+        s.update({k: v for k, v in R.read_config_file(path).items() if k in s})
         s.update(gradient_accumulation_steps=1, compile=c.compile or dev.type == 'cuda', dropout=0.0)
     return s
 
@@ -188,13 +189,13 @@ def in_process(c, dev):
             torch.manual_seed(c.seed)
             model = D.Transformer(D.model_config(s, meta, Objective.causal)).to(dev)
             runs[f'{Objective.name}.py{label}'] = (model.train(), D.make_optimizer(model, s, dev),
-                                                  Objective(D.Config(s, compile=comp), meta))
+                                                  Objective(R.Config(s, compile=comp), meta))
     model0 = runs[next(iter(runs))][0]
     print(f"model: {model0.num_params() / 1e6:.2f}M parameters ({s.n_layer} layers, {s.n_head} heads, "
           f"{s.n_embd} wide, {s.mlp}), batch {s.batch_size} x block {s.block_size}, vocab {meta['vocab_size']}, "
           f"{dev}, {torch.get_num_threads()} thread(s), compile={s.compile}")
-    autocast = D.autocast_for(dev, 'auto')
-    D.tune_backend(dev)   # as training sets it
+    autocast = R.autocast_for(dev, 'auto')
+    R.tune_backend(dev)   # as training sets it
     gen = torch.Generator().manual_seed(c.seed)
     steps = {name: (lambda window, step, run=run: train_step(*run, window, step, autocast)) for name, run in runs.items()}
     if dev.type == 'cpu' and meta['vocab_size'] == c.vocab:   # the references are char models
@@ -206,13 +207,13 @@ def in_process(c, dev):
             shutil.rmtree(work, ignore_errors=True)
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
-    ms = time_alternating(steps, lambda: D.to_device(
+    ms = time_alternating(steps, lambda: R.to_device(
         torch.randint(0, meta['vocab_size'], (s.batch_size, s.block_size + 1), generator=gen), dev), c.steps, 10, dev)
-    window = D.to_device(torch.randint(0, meta['vocab_size'], (s.batch_size, s.block_size + 1), generator=gen), dev)
+    window = R.to_device(torch.randint(0, meta['vocab_size'], (s.batch_size, s.block_size + 1), generator=gen), dev)
     flops = model0.flops_per_token() * tokens
     rate = matmul_rate(model0, tokens, dev)
     floor = 1000 * flops / rate
-    peak = D.peak_flops(dev)
+    peak = R.peak_flops(dev)
     print(f"step: {flops / 1e9:.2f} GFLOP (6 x matmul weights + attention per token x {tokens} tokens); "
           f"matmul rate here at the model's shapes {rate / 1e9:.1f} GFLOP/s; floor {floor:.1f} ms/step")
     print(f"{'in this process':<28}{'ms/step':>10}{'x floor':>9}{'tokens/s':>12}" + (f"{'MFU':>8}" if peak else '')
@@ -357,7 +358,7 @@ def whole_processes(c, floor):
                     t0 = time.perf_counter()
                     r = subprocess.run(cmd(n), cwd=cwd, env=env, capture_output=True, text=True)
                     if r.returncode:
-                        raise D.UserError(f"{name} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+                        raise R.UserError(f"{name} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
                     secs[name][n].append(time.perf_counter() - t0)
         print(f"\nwhole processes, (T({c.n2} steps) - T({c.n1} steps)) / {c.n2 - c.n1}, median of {c.repeats}, "
               f"{c.threads} thread(s) each")
@@ -372,13 +373,13 @@ def whole_processes(c, floor):
 
 
 def main():
-    c = D.configure(globals(), rules={'device': D.one_of(('cpu', 'cuda', 'auto')), 'steps': D.at_least(1),
-                                      'n1': D.at_least(1), 'repeats': D.at_least(1)}, verbose=False)
+    c = R.configure(globals(), rules={'device': R.one_of(('cpu', 'cuda', 'auto')), 'steps': R.at_least(1),
+                                      'n1': R.at_least(1), 'repeats': R.at_least(1)}, verbose=False)
     if c.n2 <= c.n1:
-        raise D.UserError("--n2 must be larger than --n1", D.EXIT_USAGE)
+        raise R.UserError("--n2 must be larger than --n1", R.EXIT_USAGE)
     if c.threads:
         torch.set_num_threads(c.threads)
-    dev = D.resolve_device(c.device)
+    dev = R.resolve_device(c.device)
     print(f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} cores")
     floor = in_process(c, dev)
     if c.processes and dev.type == 'cpu':
@@ -386,4 +387,4 @@ def main():
 
 
 if __name__ == '__main__':
-    D.run_cli(main)
+    R.run_cli(main)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
 import diffusion as D
+import runtime as R
 import evaluate as ev
 import sample
 import visualize
@@ -32,7 +33,7 @@ def tiny(T=8, L=2, vocab=V, seed=0, **kw):
 
 
 def objective(B=8, T=32, **kw):
-    c = D.Config(D.settings_of(vars(D)), **{'batch_size': B, 'block_size': T, 'gradient_accumulation_steps': 1, **kw})
+    c = R.Config(R.settings_of(vars(D)), **{'batch_size': B, 'block_size': T, 'gradient_accumulation_steps': 1, **kw})
     return D.DiffusionObjective(c, {'vocab_size': V})
 
 
@@ -154,9 +155,9 @@ def test_block_nelbo_matches_brute_force_integral(name):
                 exact += ((1 - t_min) * (s.weight(tq) * q[:, 0] ** k * (1 - q[:, 0]) ** (L - k)).mean() * ce / T).item()
         B, est = 64, []
         for step in range(200):
-            u0 = torch.rand((), generator=D.rng(7, step), dtype=torch.float64)
+            u0 = torch.rand((), generator=R.rng(7, step), dtype=torch.float64)
             tt = D.stratified_times(u0, 0, B * T // L, B * T // L, t_min)
-            loss, per_seq = D.diffusion_loss(model, x.expand(B, T), tt, s, 5, D.rng(8, step), t_min=t_min, block_len=L)
+            loss, per_seq = D.diffusion_loss(model, x.expand(B, T), tt, s, 5, R.rng(8, step), t_min=t_min, block_len=L)
             assert torch.allclose(per_seq.mean(), loss)
             est.append(loss.item())
     est = np.array(est)
@@ -207,11 +208,11 @@ def test_block_loss_compiles_whole_once(schedule, masking, time_cond, tmp_path):
 
 
 def test_block_len_must_divide_block_size():
-    c = D.Config(D.settings_of(vars(D)), block_size=32, block_len=5)
-    with pytest.raises(D.UserError, match='must divide'):
-        D.check_settings(c)
-    assert D.default_out_dir(D.Config(D.settings_of(vars(D)), block_len=4), 'diffusion').endswith('-block4')
-    assert D.default_out_dir(D.Config(D.settings_of(vars(D)), block_len=128), 'diffusion').endswith('-uniform')
+    c = R.Config(R.settings_of(vars(D)), block_size=32, block_len=5)
+    with pytest.raises(R.UserError, match='must divide'):
+        R.check_settings(c)
+    assert D.default_out_dir(R.Config(R.settings_of(vars(D)), block_len=4), 'diffusion').endswith('-block4')
+    assert D.default_out_dir(R.Config(R.settings_of(vars(D)), block_len=128), 'diffusion').endswith('-uniform')
 
 
 # ---------------------------------------------------------------- sampling
@@ -330,7 +331,7 @@ def test_objective_sample_and_race(bmodel, block_run):
 def test_train_sample_evaluate_compare_end_to_end(block_run, tiny_runs, tmp_path):
     """diffusion.py --block_len trained the block_run fixture; sample.py, evaluate.py (its own
     bound, both estimators) and the comparison table beside GPT's exact NLL."""
-    ckpt = D.read_checkpoint(block_run)
+    ckpt = R.read_checkpoint(block_run)
     assert ckpt['model_args']['block_len'] == 4 and ckpt['config']['block_len'] == 4
     r = run_script('sample.py', f'--out_dir={block_run}', '--device=cpu', '--start=ROMEO:', '--max_new_tokens=20',
                    '--steps=4')
@@ -360,7 +361,7 @@ def test_block_estimators_on_a_known_model():
     with torch.no_grad():
         logits = torch.stack([model(torch.cat([x[:, :i], torch.full((32, 1), V)], 1))[:, -1] for i in range(16)], 1)
         nll = F.cross_entropy(logits.flatten(0, 1), x.flatten()).item()
-        d, _ = ev.block_discrete_batch(model, x, D.rng(0), D.rng(1))
+        d, _ = ev.block_discrete_batch(model, x, R.rng(0), R.rng(1))
         assert abs(d.mean().item() - nll) < 1e-5
         est, toks, dt, _ = ev.monte_carlo(model, x, ev.block_continuous_batch, 8, 16, 0, 1e-4)
     e = ev.summarize(est, toks, dt, 'continuous', char=True)

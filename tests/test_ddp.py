@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import REPO, TINY, run_script
-from diffusion import EXIT_RESUMABLE, read_checkpoint
+from runtime import EXIT_RESUMABLE, read_checkpoint
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this torch build has no torch.distributed gloo backend")

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+import diffusion as D
 import evaluate as ev
+import report
 from conftest import run_script
 from sample import load_checkpoint
-from diffusion import (ModelConfig, Schedule, TokenData, Tokenizer, Transformer, UserError, atomic_save,
-                       diffusion_loss, padded_vocab, read_checkpoint, rng, Config)
+from diffusion import ModelConfig, Schedule, Transformer, diffusion_loss, padded_vocab
+from runtime import TokenData, Tokenizer, UserError, atomic_save, read_checkpoint, rng, Config
 
 PROBS = torch.tensor([8, 4, 2, 1, 1], dtype=torch.float64) / 16     # a fixed categorical over 5 tokens
 ENTROPY = float(-(PROBS * PROBS.log()).sum())                       # its entropy, nats
@@ -117,7 +119,7 @@ def test_estimators_agree_on_tiny_model(tiny_runs):
     lik = ev.likelihood(model, 'diffusion', w, settings(passes=4, batch_size=16, curve_points=3, curve_tokens=512),
                         char=True)
     a, b = lik['continuous'], lik['discrete']
-    assert abs(a['nats'] - b['nats']) <= ev.t975(min(a['df'], b['df'])) * math.hypot(a['se'], b['se']), (a, b)
+    assert abs(a['nats'] - b['nats']) <= report.t975(min(a['df'], b['df'])) * math.hypot(a['se'], b['se']), (a, b)
     assert a['rel_ci95'] < 0.05 and b['rel_ci95'] < 0.05
     assert a['bits_unit'] == 'bits/char'
     curve = lik['curve']
@@ -205,8 +207,8 @@ def test_masking_at_evaluation_does_not_follow_checkpoint(tiny_runs, tmp_path, m
                       'entropy_file': str(tmp_path / 'entropy.npy')}
     atomic_save(ckpt, os.path.join(ent_dir, 'ckpt.pt'))
     seen = []
-    real = ev.masked_ce
-    monkeypatch.setattr(ev, 'masked_ce', lambda m, x, mask, *a: seen.append((x.clone(), mask.clone())) or
+    real = D.masked_ce   # evaluate.py takes it from the run's script, here the repo's diffusion.py
+    monkeypatch.setattr(D, 'masked_ce', lambda m, x, mask, *a: seen.append((x.clone(), mask.clone())) or
                         real(m, x, mask, *a))
     c = settings(max_tokens=2048, passes=2, num_samples=0, curve_points=0)
     a, b = ev.evaluate_run(uni, c, log=lambda *_: None), ev.evaluate_run(ent_dir, c, log=lambda *_: None)
@@ -325,16 +327,30 @@ def test_bad_input_is_one_line(tiny_runs, tmp_path):
 
 
 def test_study_cells_table(tiny_runs, tmp_path):
-    """study.py's table (evaluate.summarise_cells): one row per cell, mean and spread over seeds."""
+    """study.py's table (report.summarise_cells): one row per cell, mean and spread over seeds."""
     runs = []
     for name in ('gpt', 'diffusion'):
         runs.append(str(tmp_path / name))
         shutil.copytree(tiny_runs[name], runs[-1])
         run_script('evaluate.py', f'--out_dir={runs[-1]}', '--device=cpu', '--max_tokens=512', '--passes=2',
                    '--num_samples=2', '--sample_seeds=1', '--steps=4', '--curve_points=0', f'--ref={tiny_runs["gpt"]}')
-    ev.summarise_cells(runs, str(tmp_path))
+    report.summarise_cells(runs, str(tmp_path))
     md = (tmp_path / 'study.md').read_text()
     cells = json.loads((tmp_path / 'study.json').read_text())['cells']
     assert [c['objective'] for c in cells] == ['gpt', 'diffusion'] and all(c['seeds'] == 1 for c in cells)
     assert md.count('\n| ') == 2 and md.startswith('| model |') and '| GPT |' in md and '| diffusion | linear | uniform |' in md
     assert cells[1]['bound_as_trained'] and cells[1]['mask_rates_trained'] == [0.0, 1.0]
+
+
+def test_a_checkpoint_file_is_scored_itself(tiny_runs, tmp_path):
+    """--out_dir=RUN/best.pt scores best.pt (not the folder's ckpt.pt) and keeps its figures in
+    RUN/eval-best.json, beside ckpt.pt's eval.json."""
+    run = tmp_path / 'run'
+    shutil.copytree(tiny_runs['diffusion'], run)
+    best = run / 'best.pt'
+    assert ev.eval_json(str(run)) == str(run / 'eval.json') and ev.eval_json(str(best)) == str(run / 'eval-best.json')
+    run_script('evaluate.py', f'--out_dir={best}', '--device=cpu', '--max_tokens=256', '--passes=2',
+               '--num_samples=0', '--curve_points=0')
+    res = json.load(open(run / 'eval-best.json'))
+    assert res['checkpoint'] == str(best) and res['ckpt_step'] == torch.load(best, weights_only=True)['step']
+    assert not (run / 'eval.json').exists()

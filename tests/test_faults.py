@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-import diffusion as D
+import runtime as R
 import sample
 from conftest import REPO, SHAKESPEARE, TINY, run_script, wait_for
 
@@ -53,7 +53,7 @@ def one_line_error(r, code):
 
 def weights(path):
     """A checkpoint's model tensors (path: a run folder or a .pt file)."""
-    return D.read_checkpoint(str(path))['model']
+    return R.read_checkpoint(str(path))['model']
 
 
 def assert_same_weights(a, b):
@@ -120,7 +120,7 @@ def run_all(cases, timeout=300):
 
 def nan_checkpoint(good_run, out_dir):
     """out_dir/ckpt.pt: good_run's checkpoint with one NaN weight."""
-    ckpt = D.read_checkpoint(good_run)
+    ckpt = R.read_checkpoint(good_run)
     del ckpt['path']  # read_checkpoint adds it
     ckpt['model']['wte.weight'][0, 0] = float('nan')
     os.makedirs(out_dir)
@@ -133,11 +133,11 @@ def test_divergence_exits_3_naming_the_step_and_keeps_a_finite_checkpoint(char_d
     out = str(tmp_path / 'run')
     r = run_script('diffusion.py', *train_args(char_data, out, '--learning_rate=1e3', '--warmup_iters=0',
                                                '--max_iters=30', '--eval_interval=10'), check=False)
-    line = one_line_error(r, D.EXIT_DIVERGED)
+    line = one_line_error(r, R.EXIT_DIVERGED)
     st = status(out)
     assert st['status'] == 'diverged' and line.startswith(f"error: step {st['step']}: "), (st, line)
     assert 'diverged' in line and 'learning_rate' in line
-    ckpt = D.read_checkpoint(out)  # the step-0 checkpoint: finite, and the message says it is the one kept
+    ckpt = R.read_checkpoint(out)  # the step-0 checkpoint: finite, and the message says it is the one kept
     assert f"keeps step {ckpt['step']}" in line
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
     assert any(rec.get('event') == 'diverged' for rec in log_records(out))
@@ -145,14 +145,14 @@ def test_divergence_exits_3_naming_the_step_and_keeps_a_finite_checkpoint(char_d
 
 def test_val_ratio_guard_stops_a_resumed_run_and_keeps_the_good_checkpoint(tiny_runs, tmp_path):
     out = copy_run(tiny_runs['diffusion'], tmp_path / 'run')
-    good, good_step = weights(out), D.read_checkpoint(out)['step']
+    good, good_step = weights(out), R.read_checkpoint(out)['step']
     r = run_script('diffusion.py', f'--out_dir={out}', '--init_from=resume', '--learning_rate=100',
                    f'--max_iters={good_step + 20}', '--eval_interval=10', '--device=cpu', check=False)
-    line = one_line_error(r, D.EXIT_DIVERGED)
+    line = one_line_error(r, R.EXIT_DIVERGED)
     assert 'x the best' in line and f"keeps step {good_step}" in line, line  # the ratio guard, not a NaN
     assert status(out)['status'] == 'diverged'
     assert_same_weights(weights(out), good)
-    assert D.read_checkpoint(os.path.join(out, 'best.pt'))['step'] == good_step
+    assert R.read_checkpoint(os.path.join(out, 'best.pt'))['step'] == good_step
 
 
 def test_best_pt_is_the_checkpoint_of_the_lowest_val_nelbo(tiny_runs, tmp_path):
@@ -163,7 +163,7 @@ def test_best_pt_is_the_checkpoint_of_the_lowest_val_nelbo(tiny_runs, tmp_path):
                '--eval_interval=5', '--device=cpu')
     vals = {rec['step']: rec['val_nelbo'] for rec in log_records(out) if 'val_nelbo' in rec}
     best_step = min(vals, key=vals.get)
-    best = D.read_checkpoint(os.path.join(out, 'best.pt'))
+    best = R.read_checkpoint(os.path.join(out, 'best.pt'))
     assert best['step'] == best_step and best['best_val_loss'] == vals[best_step], (best['step'], vals)
     if best_step != max(vals):  # best.pt is not simply the last checkpoint
         last = weights(out)
@@ -177,7 +177,7 @@ def test_non_finite_weights_are_refused_by_every_reader(tiny_runs, tmp_path):
                        ('visualize.py', ['--diffusion_only', f'--diffusion_dir={bad}', '--device=cpu'])])
     for r in results:
         assert 'non-finite weights' in one_line_error(r, 1)
-    with pytest.raises(D.UserError, match='non-finite weights'):
+    with pytest.raises(R.UserError, match='non-finite weights'):
         sample.load_run(bad)
 
 
@@ -196,7 +196,7 @@ def test_second_run_on_a_busy_out_dir_exits_2_and_a_killed_runs_lock_never_block
         wait_for(f"pid {first.pid} in {lock}", holds_lock, DEADLINE, proc=first, poll=0.01)
         second = run_script('diffusion.py', *train_args(char_data, out, '--init_from=auto', '--max_iters=6'),
                             check=False, timeout=DEADLINE)
-        line = one_line_error(second, D.EXIT_USAGE)
+        line = one_line_error(second, R.EXIT_USAGE)
         assert f"pid {first.pid}" in line and 'in use' in line, line
     finally:
         first.kill()  # SIGKILL: no handler runs, the lock file keeps its pid
@@ -204,7 +204,7 @@ def test_second_run_on_a_busy_out_dir_exits_2_and_a_killed_runs_lock_never_block
     with open(lock) as f:
         assert f.read().strip() == str(first.pid)  # stale
     run_script('diffusion.py', *train_args(char_data, out, '--init_from=auto', '--max_iters=6'))
-    assert D.read_checkpoint(out)['step'] == 6 and status(out)['status'] == 'finished'
+    assert R.read_checkpoint(out)['step'] == 6 and status(out)['status'] == 'finished'
     assert temps(out) == []
 
 
@@ -278,7 +278,7 @@ def test_token_ids_above_the_vocabulary_and_bad_meta_json(char_data, tmp_path):
                        for d in (over, garbage, listed)])
     assert str(path) in one_line_error(results[0], 1) and 'vocabulary' in results[0].stderr
     assert 'not readable JSON' in one_line_error(results[1], 1)
-    assert 'not a dataset description' in one_line_error(results[2], 1)
+    assert 'meta.json: the file is not a JSON object; make it again with' in one_line_error(results[2], 1)
 
 
 # ---------------------------------------------------------------- 5. full disk
@@ -392,11 +392,11 @@ def test_ctrl_c_finishes_the_step_saves_exits_75_and_resumes_bit_identical(strai
     proc, args = interrupted_run(straight_run, out, log)
     with open(log) as f:
         text = f.read()
-    assert proc.returncode == D.EXIT_RESUMABLE, text[-3000:]
+    assert proc.returncode == R.EXIT_RESUMABLE, text[-3000:]
     assert 'Traceback' not in text and 'error:' not in text
     st = status(out)
     assert st['status'] == 'interrupted' and 5 <= st['step'] < CTRL_C_STEPS, st  # whichever step it landed on
-    assert D.read_checkpoint(out)['step'] == st['step'] and f"saved step {st['step']}" in text
+    assert R.read_checkpoint(out)['step'] == st['step'] and f"saved step {st['step']}" in text
     assert max(r['step'] for r in log_records(out) if 'lr' in r) == st['step']  # that step finished and was logged
     resume_and_compare(args, out, straight_run)
 
@@ -408,6 +408,7 @@ DOUBLE_CTRL_C = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import diffusion as D
+import runtime as R
 at, where = int(sys.argv[2]), sys.argv[3]   # the step of the first Ctrl-C; where the second lands
 
 
@@ -422,15 +423,15 @@ class Objective(D.DiffusionObjective):
             if where == 'step':
                 ctrl_c()                        # the second, in the same step
             else:                               # the second, halfway through writing the checkpoint
-                save = D.atomic_save
+                save = R.atomic_save
                 def second_during_save(obj, path):
-                    D.atomic_save = save
-                    D.atomic_write(path, lambda f: (f.write(b'half a checkpoint'), ctrl_c()))
-                D.atomic_save = second_during_save
+                    R.atomic_save = save
+                    R.atomic_write(path, lambda f: (f.write(b'half a checkpoint'), ctrl_c()))
+                R.atomic_save = second_during_save
         return super().loss(model, window, step, micro)
 
 
-D.run_cli(lambda: D.train(D.configure(vars(D), sys.argv[4:], rules=D.RULES), Objective, D.__file__))
+R.run_cli(lambda: D.train(R.configure(vars(D), sys.argv[4:], rules=D.RULES), Objective, D.__file__))
 """
 
 
@@ -447,7 +448,7 @@ def test_second_ctrl_c_stops_at_once_and_loses_nothing(straight_run, tmp_path, w
     r = subprocess.run([sys.executable, str(tmp_path / 'double_ctrl_c.py'), REPO, '60', where, *args], env=env,
                        check=False, capture_output=True, text=True, timeout=DEADLINE)
     assert one_line_error(r, 130) == 'error: interrupted (Ctrl-C)'
-    assert D.read_checkpoint(out)['step'] == 50
+    assert R.read_checkpoint(out)['step'] == 50
     assert json.load(open(os.path.join(out, 'status.json'))) == {'status': 'stopped', 'step': 50, 'max_iters': 200}
     assert len(temps(out)) == (where == 'save')
     resume_and_compare(args, out, straight_run)

@@ -12,8 +12,8 @@ import torch
 
 from conftest import REPO, TINY, run_script
 from sample import load_checkpoint
-from diffusion import (EXIT_RESUMABLE, KVCache, ModelConfig, Transformer, build_model,
-                       read_checkpoint)
+from diffusion import KVCache, ModelConfig, Transformer
+from runtime import EXIT_RESUMABLE, build_model, read_checkpoint
 from gpt import generate
 
 
@@ -48,7 +48,8 @@ def assert_same_architecture(d_out, g_out):
     # the model configs differ in the attention direction only (MASK row included in both)
     assert {**d['model_args'], 'causal': True} == g['model_args'] and not d['model_args']['causal']
     assert {k: v.shape for k, v in d['model'].items()} == {k: v.shape for k, v in g['model'].items()}
-    n_d, n_g = build_model(d).num_params(), build_model(g).num_params()
+    n_d = build_model(d, ModelConfig, Transformer).num_params()
+    n_g = build_model(g, ModelConfig, Transformer).num_params()
     assert n_d == n_g > 0
     return n_d
 
@@ -63,7 +64,7 @@ def test_same_parameter_count(tiny_runs, char_data, tmp_path):
     for s, out in outs.items():
         run_script(f'{s}.py', *args, f'--out_dir={out}')
     n = assert_same_architecture(outs['diffusion'], outs['gpt'])
-    assert n != build_model(read_checkpoint(tiny_runs['gpt'])).num_params()  # the settings took effect
+    assert n != build_model(read_checkpoint(tiny_runs["gpt"]), ModelConfig, Transformer).num_params()  # the settings took effect
 
 
 def record_lengths(model):

@@ -20,7 +20,7 @@ import traceback
 import numpy as np
 import pytest
 
-import diffusion as D
+import runtime as R
 import prepare as P
 from conftest import REPO, SHAKESPEARE, SHARED, TINY, run_script
 
@@ -35,7 +35,7 @@ def enc():
     by the error prepare.py reports (a failed name lookup), not by waiting out a timeout."""
     try:
         return P.gpt2_encoding()
-    except D.UserError as e:
+    except R.UserError as e:
         pytest.skip(f"offline: GPT-2 BPE files unavailable ({e})")
 
 
@@ -108,7 +108,7 @@ def test_fineweb_shards_decode_to_the_documents(fineweb, doc_files, enc):
     assert complete == doc_files['docs'][:len(complete)] and len(complete) > 20
     assert '<|endoftext|>' in complete[7]
     # the loader reads it like any other dataset
-    x = D.TokenData(root, 'fineweb_edu', 'train').batch(4, 65, D.rng(0))
+    x = R.TokenData(root, 'fineweb_edu', 'train').batch(4, 65, R.rng(0))
     assert x.shape == (4, 65) and int(x.max()) < 50257
 
 
@@ -154,11 +154,11 @@ def test_interrupted_runs_resume_to_identical_shards(fineweb, doc_files, tmp_pat
     assert 'progress.json' in names and 'train_000002.bin.tmp' in names
     assert [n for n in names if n.endswith('.bin')] == ['train_000000.bin', 'train_000001.bin',
                                                         'val_000000.bin', 'val_000001.bin']
-    with pytest.raises(D.UserError, match='no data at'):
-        D.load_meta(str(tmp_path), 'fineweb_edu')
+    with pytest.raises(R.UserError, match='no data at'):
+        R.load_meta(str(tmp_path), 'fineweb_edu')
 
     r = run_interrupted(tmp_path, args, at=4, mode='term')  # shards 5..8 of the run, 8 unrecorded
-    assert r.returncode == D.EXIT_RESUMABLE, r.stderr[-2000:]
+    assert r.returncode == R.EXIT_RESUMABLE, r.stderr[-2000:]
     assert 'resuming after 4 complete shards' in r.stdout
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: interrupted; 7 complete shards'), r.stderr[-2000:]
@@ -182,17 +182,17 @@ def test_resume_refuses_other_settings_and_bad_shards(fineweb, doc_files, tmp_pa
     shard = {'split': 'val', 'file': 'val_000000.bin', 'tokens': 1, 'stream': 0, 'next': [0, 1]}
     (tmp_path / 'fineweb_edu' / 'partial' / 'progress.json').write_text(
         json.dumps({'build': {'shard_size': 1}, 'shards': [shard]}))
-    with pytest.raises(D.UserError, match='other settings.*--resume=false'):
+    with pytest.raises(R.UserError, match='other settings.*--resume=false'):
         P.main(args)
     P.main(args + ['--resume=false'])
     assert shard_bytes(tmp_path, 'fineweb_edu') == shard_bytes(fineweb[0], 'fineweb_edu')  # 1 process = 2
     # a .bin whose size does not match meta.json: one line from prepare.py and from the loader
     shard = tmp_path / 'fineweb_edu' / 'train_000003.bin'
     shard.write_bytes(shard.read_bytes()[:-2])
-    with pytest.raises(D.UserError, match='train_000003.bin holds 499 tokens but meta.json says 500'):
+    with pytest.raises(R.UserError, match='train_000003.bin holds 499 tokens but meta.json says 500'):
         P.main(args)
-    with pytest.raises(D.UserError, match='train_000003.bin holds 499 tokens but meta.json says 500'):
-        D.TokenData(str(tmp_path), 'fineweb_edu', 'train')
+    with pytest.raises(R.UserError, match='train_000003.bin holds 499 tokens but meta.json says 500'):
+        R.TokenData(str(tmp_path), 'fineweb_edu', 'train')
 
 
 def test_text_files_tinystories_and_shakespeare(enc, tmp_path):
@@ -226,17 +226,17 @@ def test_wikitext2_from_the_shared_release(enc, tmp_path):
 
 
 def test_one_line_errors(tmp_path, monkeypatch):
-    with pytest.raises(D.UserError, match='must be one of .*fineweb_edu') as e:
+    with pytest.raises(R.UserError, match='must be one of .*fineweb_edu') as e:
         P.main(['--dataset=fineweb'])
     assert e.value.code == 2
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    with pytest.raises(D.UserError, match='HF_HUB_OFFLINE is set; pass a local copy with --input'):
+    with pytest.raises(R.UserError, match='HF_HUB_OFFLINE is set; pass a local copy with --input'):
         P.main(['--dataset=fineweb_edu', f'--data_dir={tmp_path}', '--num_proc=1'])
     monkeypatch.delenv('HF_HUB_OFFLINE')
     monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')  # nothing listens there: refused at once
-    with pytest.raises(D.UserError, match='cannot reach 127.0.0.1 .*--input=PATH'):
+    with pytest.raises(R.UserError, match='cannot reach 127.0.0.1 .*--input=PATH'):
         P.main(['--dataset=tinystories', f'--data_dir={tmp_path}', '--num_proc=1'])
-    with pytest.raises(D.UserError, match='no such file or folder'):
+    with pytest.raises(R.UserError, match='no such file or folder'):
         P.main(['--dataset=fineweb_edu', f'--input={tmp_path}/missing.parquet', f'--data_dir={tmp_path}'])
     assert os.listdir(tmp_path) == []  # the failed runs left nothing behind
 
@@ -244,7 +244,7 @@ def test_one_line_errors(tmp_path, monkeypatch):
 def test_one_line_errors_reading_rows(enc, tmp_path):
     """Found while reading, so after the GPT-2 BPE files are loaded: needs them (skips offline)."""
     (tmp_path / 'rows.jsonl').write_text('{"content": "hello"}\n')
-    with pytest.raises(D.UserError, match="no text column 'text' .*content.*--text_field"):
+    with pytest.raises(R.UserError, match="no text column 'text' .*content.*--text_field"):
         P.main(['--dataset=fineweb_edu', f'--input={tmp_path}/rows.jsonl', f'--data_dir={tmp_path}', '--num_proc=1'])
     assert os.listdir(tmp_path) == ['rows.jsonl']
 
@@ -272,9 +272,9 @@ def entropy_run(tmp_path_factory):
 
 def test_entropy_array_ranks_random_tokens_above_determined_ones(entropy_run):
     root, ref, stdout = entropy_run
-    meta = D.load_meta(root, 'shakespeare_char')
+    meta = R.load_meta(root, 'shakespeare_char')
     V = meta['vocab_size']
-    ent = D.load_entropy(os.path.join(root, 'shakespeare_char', 'entropy.npy'), V)   # the trainer's own check
+    ent = R.load_entropy(os.path.join(root, 'shakespeare_char', 'entropy.npy'), V)   # the trainer's own check
     assert ent.shape == (V,) == (11,)
     counts = np.bincount(np.fromfile(os.path.join(root, 'shakespeare_char', 'train.bin'), np.uint16)[1:], minlength=V)
     assert abs((ent * counts).sum() / counts.sum() - 1) < 1e-5      # mean 1 over occurrences
@@ -301,16 +301,16 @@ def test_entropy_windows_cover_every_target_once():
 
 def test_entropy_reference_errors(entropy_run, fineweb, tmp_path):
     root, ref, _ = entropy_run
-    with pytest.raises(D.UserError, match='vocabularies must match'):
+    with pytest.raises(R.UserError, match='vocabularies must match'):
         P.main(['--entropy', f'--ref={ref}', '--dataset=fineweb_edu', f'--data_dir={fineweb[0]}', '--device=cpu'])
-    with pytest.raises(D.UserError, match='transformers|no local weights'):
+    with pytest.raises(R.UserError, match='transformers|no local weights'):
         P.main(['--entropy', '--ref=hf:gpt2-not-here', '--dataset=fineweb_edu', f'--data_dir={fineweb[0]}',
                 '--device=cpu'])
-    with pytest.raises(D.UserError, match='needs --ref'):
+    with pytest.raises(R.UserError, match='needs --ref'):
         P.main(['--entropy', '--dataset=shakespeare_char', f'--data_dir={root}'])
     np.save(tmp_path / 'short.npy', np.ones(5))
-    with pytest.raises(D.UserError, match=r'expected \(11,\)'):
-        D.load_entropy(str(tmp_path / 'short.npy'), 11)
+    with pytest.raises(R.UserError, match=r'expected \(11,\)'):
+        R.load_entropy(str(tmp_path / 'short.npy'), 11)
 
 
 # ---------------------------------------------------------------- faults: one-line errors, nothing lost
@@ -406,7 +406,7 @@ def test_empty_and_too_short_texts_are_refused(tmp_path):
     assert not data.exists()
     (tmp_path / 'enough.txt').write_text(text_of(80))
     assert cli(f"--input={tmp_path / 'enough.txt'}", f'--data_dir={data}')[0] == 0
-    assert [D.TokenData(str(data), 'shakespeare_char', s).sizes for s in ('train', 'val')] == [[72], [8]]
+    assert [R.TokenData(str(data), 'shakespeare_char', s).sizes for s in ('train', 'val')] == [[72], [8]]
 
 
 def test_failed_runs_leave_nothing_behind(tmp_path, monkeypatch):
@@ -469,7 +469,7 @@ def test_failed_reprepare_keeps_the_prepared_dataset(tmp_path, monkeypatch):
     assert cli(f"--input={tmp_path / 'other.txt'}", f'--data_dir={data}')[0] == 0
     after = tree(data)
     assert sorted(after) == sorted(before) and after != before
-    assert sum(D.TokenData(str(data), 'shakespeare_char', 'train').sizes) == int(3000 * 0.9)
+    assert sum(R.TokenData(str(data), 'shakespeare_char', 'train').sizes) == int(3000 * 0.9)
 
 
 def test_failed_bpe_reprepare_keeps_the_prepared_dataset(enc, tmp_path, monkeypatch):
@@ -529,10 +529,10 @@ def test_a_dropped_connection_keeps_only_shards_to_continue_from(fineweb, doc_fi
     monkeypatch.setattr(P, 'TASK_DOCS', 8)
     monkeypatch.setattr(P, 'read_docs', dropping(0))
     assert_one_line_error(cli(*args), r'reading train failed \(ConnectionError: Connection reset by peer\); rerun '
-                          'the same command to continue', code=D.EXIT_RESUMABLE)
+                          'the same command to continue', code=R.EXIT_RESUMABLE)
     assert not data.exists()
     monkeypatch.setattr(P, 'read_docs', dropping(60))
-    assert_one_line_error(cli(*args), 'reading train failed', code=D.EXIT_RESUMABLE)
+    assert_one_line_error(cli(*args), 'reading train failed', code=R.EXIT_RESUMABLE)
     kept = sorted(os.listdir(data / 'fineweb_edu' / 'partial'))
     assert os.listdir(data / 'fineweb_edu') == ['partial'] and 'progress.json' in kept and len(kept) > 3, kept
     assert not [n for n in kept if 'tmp' in n]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import run_script
-from diffusion import ModelConfig, Schedule, Tokenizer, Transformer, sample_categorical
+from diffusion import ModelConfig, Schedule, Transformer, sample_categorical
+from runtime import Tokenizer
 import sample
 from sample import load_checkpoint
 

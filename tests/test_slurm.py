@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, wait_for
-from diffusion import SCHEDULES, read_checkpoint
+from diffusion import SCHEDULES
+from runtime import read_checkpoint
 
 SBIN = os.pathsep.join([os.environ.get('PATH', ''), '/usr/sbin', '/sbin'])
 NEEDED = ('munged', 'slurmctld', 'slurmd', 'sbatch', 'scontrol', 'scancel', 'squeue')

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
 import diffusion as D
+import runtime as R
 from conftest import REPO, TINY
 from gpt import GPTObjective
 
@@ -22,7 +23,7 @@ B, T, V = 8, 32, 65
 
 
 def objective(cls=D.DiffusionObjective, **kw):
-    c = D.Config(D.settings_of(vars(D)), **{'batch_size': B, 'block_size': T, 'gradient_accumulation_steps': 1, **kw})
+    c = R.Config(R.settings_of(vars(D)), **{'batch_size': B, 'block_size': T, 'gradient_accumulation_steps': 1, **kw})
     return cls(c, {'vocab_size': V})
 
 
@@ -145,7 +146,7 @@ def test_torchrun_with_default_settings_equals_one_process(char_data, tmp_path):
                    check=True, capture_output=True, env=env, timeout=300)
     subprocess.run([sys.executable, os.path.join(REPO, 'diffusion.py'), *args, '--gradient_accumulation_steps=2',
                     f'--out_dir={tmp_path / "one"}'], check=True, capture_output=True, env=env, timeout=300)
-    a, b = D.read_checkpoint(str(tmp_path / 'ddp')), D.read_checkpoint(str(tmp_path / 'one'))
+    a, b = R.read_checkpoint(str(tmp_path / 'ddp')), R.read_checkpoint(str(tmp_path / 'one'))
     assert a['config']['gradient_accumulation_steps'] == 2
     for k, v in a['model'].items():
         assert torch.allclose(v, b['model'][k], atol=1e-6), k

@@ -1,6 +1,6 @@
 """The study's statistics and its three studies (issue: the study's conclusions made robust).
 
-- t975 and the incomplete beta it rests on, against closed forms and published table values;
+- t975 and the incomplete beta it rests on (report.py), against closed forms and published table values;
 - the final fill of masks left at t = 0 samples like every other step (argmax only on request);
 - the training loop's val_nelbo: its control variate has mean 0, the estimate stays unbiased
   (against the plain estimate over many draws) with a smaller spread, and its standard error is
@@ -19,7 +19,9 @@ import pytest
 import torch
 
 import diffusion as d
+import runtime as R
 import evaluate as ev
+import report
 import sample
 from conftest import TINY, run_script
 
@@ -32,21 +34,21 @@ def test_incomplete_beta_matches_closed_forms():
     for a, b, x in ((2, 3, 0.4), (1, 1, 0.3), (5, 2, 0.9), (3, 7, 0.05)):
         n = a + b - 1
         exact = sum(math.comb(n, j) * x ** j * (1 - x) ** (n - j) for j in range(a, n + 1))
-        assert ev.incomplete_beta(a, b, x) == pytest.approx(exact, rel=1e-12)
+        assert report.incomplete_beta(a, b, x) == pytest.approx(exact, rel=1e-12)
     # a = b = 1/2: the arcsine law
     for x in (0.01, 0.3, 0.5, 0.97):
-        assert ev.incomplete_beta(0.5, 0.5, x) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)), rel=1e-12)
+        assert report.incomplete_beta(0.5, 0.5, x) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)), rel=1e-12)
 
 
 def test_t975_exact():
     """Closed forms at 1 and 2 degrees of freedom, and the published table (4 decimals) beyond."""
-    assert ev.t975(1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-10)              # Cauchy: 12.7062
-    assert ev.t975(2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-10)     # 4.3027
+    assert report.t975(1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-10)              # Cauchy: 12.7062
+    assert report.t975(2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-10)     # 4.3027
     table = {3: 3.1824, 4: 2.7764, 5: 2.5706, 10: 2.2281, 20: 2.0860, 30: 2.0423, 120: 1.9799}
     for df, t in table.items():
-        assert ev.t975(df) == pytest.approx(t, abs=5e-5), df
-    assert ev.t975(math.inf) == pytest.approx(1.959964, abs=1e-6)
-    assert 4.3027 > ev.t975(2.5) > 3.1824      # Welch-Satterthwaite degrees of freedom are not integers
+        assert report.t975(df) == pytest.approx(t, abs=5e-5), df
+    assert report.t975(math.inf) == pytest.approx(1.959964, abs=1e-6)
+    assert 4.3027 > report.t975(2.5) > 3.1824      # Welch-Satterthwaite degrees of freedom are not integers
 
 
 # ---------------------------------------------------------------- final fill
@@ -89,7 +91,7 @@ def test_final_fill_samples_like_every_step():
 
 def test_final_fill_is_an_option_of_every_script(tiny_runs, tmp_path):
     r = run_script('sample.py', f"--out_dir={tiny_runs['diffusion']}", '--final_fill=nope', '--device=cpu', check=False)
-    assert r.returncode == d.EXIT_USAGE and "final_fill" in r.stderr and 'Traceback' not in r.stderr
+    assert r.returncode == R.EXIT_USAGE and "final_fill" in r.stderr and 'Traceback' not in r.stderr
     assert 'final_fill' in ev.EVAL_KEYS       # recorded in every eval.json's settings
 
 
@@ -99,7 +101,7 @@ def test_final_fill_is_an_option_of_every_script(tiny_runs, tmp_path):
 @pytest.fixture(scope='module')
 def trained(tiny_runs):
     run = sample.load_run(os.path.join(tiny_runs['diffusion'], 'ckpt.pt'))
-    val = d.TokenData(run.ckpt['config']['data_dir'], run.ckpt['config']['dataset'], 'val')
+    val = R.TokenData(run.ckpt['config']['data_dir'], run.ckpt['config']['dataset'], 'val')
     return run, val
 
 
@@ -109,7 +111,7 @@ def val_nelbo(run, val, seed, iters, cv=True):
     if not cv:
         obj.control_variate = lambda t, u: torch.zeros(u.size(0), dtype=torch.float64)
     try:
-        return obj.evaluate(run.model, (val.batch(8, run.model.cfg.block_size + 1, d.rng(0, 'val', i))
+        return obj.evaluate(run.model, (val.batch(8, run.model.cfg.block_size + 1, R.rng(0, 'val', i))
                                         for i in range(iters)))
     finally:
         obj.__dict__.pop('control_variate', None)
@@ -118,7 +120,7 @@ def val_nelbo(run, val, seed, iters, cv=True):
 def test_control_variate_has_mean_zero(trained):
     run, val = trained
     obj = run.objective
-    x = val.batch(512, run.model.cfg.block_size + 1, d.rng(0, 'cv'))[:, :-1]
+    x = val.batch(512, run.model.cfg.block_size + 1, R.rng(0, 'cv'))[:, :-1]
     t, u = obj.draws(x, ('cv', 0))
     c = obj.control_variate(t, u)
     # independent computation: (1 - t_min) / t x (tokens with u < t) / T - (1 - t_min)
@@ -145,22 +147,22 @@ def test_val_nelbo_unbiased_less_noisy_and_its_se_honest(trained):
 
 
 def test_eval_whole_split_and_train_tokens(char_data, tmp_path):
-    meta = d.load_meta(char_data, 'shakespeare_char')
-    val = d.TokenData(char_data, 'shakespeare_char', 'val', meta)
+    meta = R.load_meta(char_data, 'shakespeare_char')
+    val = R.TokenData(char_data, 'shakespeare_char', 'val', meta)
     wins = torch.cat(list(val.windows(8, 33)))
     n = val.tokens
     assert (wins[1:, 0] == wins[:-1, -1]).all()                  # each window starts on the last one's end
     data = np.memmap(val.paths[0], dtype=np.uint16, mode='r')
     assert torch.equal(wins[:, :-1].reshape(-1), torch.from_numpy(data[:len(wins) * 32].astype(np.int64)))
     assert n - len(wins) * 32 < 33                               # every token but a last partial window
-    part = d.TokenData(char_data, 'shakespeare_char', 'train', meta, limit=1000)
+    part = R.TokenData(char_data, 'shakespeare_char', 'train', meta, limit=1000)
     assert part.tokens == 1000
-    b = part.batch(64, 33, d.rng(0, 'x'))
+    b = part.batch(64, 33, R.rng(0, 'x'))
     first = np.memmap(part.paths[0], dtype=np.uint16, mode='r')[:1000].astype(np.int64)
     windows = {tuple(first[i:i + 33]) for i in range(1000 - 32)}
     assert all(tuple(r.tolist()) in windows for r in b)           # every window lies in the first 1000 tokens
-    with pytest.raises(d.UserError, match='more than'):
-        d.TokenData(char_data, 'shakespeare_char', 'train', meta, limit=10 ** 9)
+    with pytest.raises(R.UserError, match='more than'):
+        R.TokenData(char_data, 'shakespeare_char', 'train', meta, limit=10 ** 9)
     out = tmp_path / 'run'
     r = run_script('diffusion.py', *TINY, f'--data_dir={char_data}', f'--out_dir={out}', '--max_iters=4',
                    '--eval_interval=2', '--eval_iters=0', '--train_tokens=2000')

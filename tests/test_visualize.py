@@ -15,7 +15,8 @@ import sample
 import visualize
 from conftest import REPO, run_script
 from sample import load_checkpoint
-from diffusion import Config, Schedule, Tokenizer, UserError, settings_of
+from diffusion import Schedule
+from runtime import Config, Tokenizer, UserError, settings_of
 
 LENGTH, STEPS, WIDTH = 24, 8, 80
 ESC = '\x1b'

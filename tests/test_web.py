@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import visualize
-from diffusion import Config, settings_of
+from runtime import Config, settings_of
 from conftest import REPO
 
 BROWSERS = ('chromium', 'chromium-browser', 'google-chrome', 'google-chrome-stable')
