@@ -31,7 +31,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -897,7 +897,6 @@ class Run:
 
     def start(self, raw_model, optimizer, model_cfg, step):
         """Wrap the model for DDP, say what runs, open log.jsonl and W&B. Returns the model to train."""
-        from dataclasses import asdict
         c = self.c
         self.raw_model, self.optimizer, self.model_args = raw_model, optimizer, asdict(model_cfg)
         model = raw_model   # with --compile the objective compiles its loss, the model's forward included

@@ -131,15 +131,15 @@ def trusted_script(ckpt, trust=()):
         which also accepts a file changed since it wrote the checkpoint.
     Checkpoints from before scripts were recorded use this folder's diffusion.py or gpt.py.
     Anything else is a one-line UserError saying what to pass."""
-    path, where = ckpt['path'], ckpt['path']
+    path = ckpt['path']
     info = ckpt.get('script')
     if info is None:  # made before checkpoints recorded their script
         if ckpt['objective'] not in ('diffusion', 'gpt'):
-            raise UserError(f"{where} holds an unknown objective {str(ckpt['objective'])[:40]!r}")
+            raise UserError(f"{path} holds an unknown objective {str(ckpt['objective'])[:40]!r}")
         return os.path.join(HERE, f"{ckpt['objective']}.py")
     if not (isinstance(info, dict) and isinstance(info.get('path'), str) and info['path'].endswith('.py')
             and isinstance(info.get('sha256', ''), str)):
-        raise UserError(f"{where} names its script as {str(info)[:80]!r}, not a .py file; if you trust a file to "
+        raise UserError(f"{path} names its script as {str(info)[:80]!r}, not a .py file; if you trust a file to "
                         "rebuild it, pass --script=PATH")
     recorded = info['path']
     real = os.path.realpath(recorded if os.path.isabs(recorded) else os.path.join(HERE, recorded))
